@@ -1,0 +1,89 @@
+"""What a client process keeps between messages: the base with its adapter, and the user's data.
+
+In simulation one Ray actor serves many virtual clients, and in deployment each message starts a
+fresh process, so everything here is cached per process and keyed by what determines it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase
+
+from shared.adapters import attach_adapter, lora_config
+from shared.base_model import BaseModelError, cached_base
+from shared.config import ConfigError, FederationConfig
+from shared.data import UserData, load_jsonl_user, select_users, shakespeare_users
+from shared.training import TokenBlocks, tokenize_blocks
+
+
+@dataclass(frozen=True)
+class AdapterSession:
+    """The frozen base wrapped with one LoRA adapter, reused across messages of a run."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    base_hash: str
+
+
+@lru_cache(maxsize=1)
+def adapter_session(config: FederationConfig) -> AdapterSession:
+    base, tokenizer, base_hash = cached_base(config.base_model, config.base_dtype)
+    return AdapterSession(attach_adapter(base, lora_config(config), seed=config.seed), tokenizer, base_hash)
+
+
+def require_base(announced_hash: str | None, local_hash: str) -> None:
+    """Refuse to train on a base other than the one the server announced."""
+    if not announced_hash:
+        raise BaseModelError("the server did not announce a base-model hash; refusing to train blindly")
+    if announced_hash != local_hash:
+        raise BaseModelError(
+            f"base model mismatch: the server announced {announced_hash[:12]}..., this device has "
+            f"{local_hash[:12]}...; download the announced base before joining this run"
+        )
+
+
+@lru_cache(maxsize=4)
+def _federation_users(config: FederationConfig, count: int) -> tuple[UserData, ...]:
+    users = shakespeare_users(min_speeches=config.min_speeches, split=config.split,
+                              test_fraction=config.test_fraction, seed=config.seed)
+    return tuple(select_users(users, count, seed=config.seed))
+
+
+def user_for_node(node_config: Mapping[str, Any], config: FederationConfig) -> UserData:
+    """This node's user: its own JSONL file, a named Shakespeare character, or a simulation partition."""
+    if "data-path" in node_config:
+        return load_jsonl_user(str(node_config["data-path"]), user_id=node_config.get("user-id") or None,
+                               domain=node_config.get("domain") or None, split=config.split,
+                               test_fraction=config.test_fraction, seed=config.seed)
+    if "user" in node_config:
+        wanted = str(node_config["user"])
+        users = shakespeare_users(min_speeches=2, split=config.split, test_fraction=config.test_fraction, seed=config.seed)
+        for user in users:
+            if user.user_id == wanted:
+                return user
+        raise ConfigError(f"node-config user {wanted!r} is not a Shakespeare character (form: 'macbeth/LADY MACBETH')")
+    if "partition-id" in node_config and "num-partitions" in node_config:
+        partition, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        return _federation_users(config, count)[partition]
+    raise ConfigError("node-config needs 'data-path' (a JSONL file), 'user' (a Shakespeare character) "
+                      "or 'partition-id' and 'num-partitions'")
+
+
+_blocks_cache: dict[tuple[str, int, int], tuple[TokenBlocks, TokenBlocks]] = {}
+
+
+def user_blocks(user: UserData, tokenizer: PreTrainedTokenizerBase, config: FederationConfig) -> tuple[TokenBlocks, TokenBlocks]:
+    """(training blocks, held-out blocks) of a user, the held-out ones capped at max-eval-blocks."""
+    key = (user.user_id, id(tokenizer), hash(config))
+    if key not in _blocks_cache:
+        train = tokenize_blocks(tokenizer, user.train, config.seq_len)
+        test = tokenize_blocks(tokenizer, user.test, config.seq_len)
+        if len(test) > config.max_eval_blocks:
+            test = test.select(list(range(config.max_eval_blocks)))
+        _blocks_cache[key] = (train, test)
+    return _blocks_cache[key]

@@ -1,0 +1,135 @@
+"""The run configuration shared by server and clients, validated in one place.
+
+Flower hands both sides the same run config (``[tool.flwr.app.config]`` in pyproject.toml, overridden
+by ``flwr run --run-config``). Every key is documented in docs/run-config.md; defaults here equal the
+pyproject defaults (a test checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "base_dtype": ("float32", "bfloat16", "float16"),
+    "data": ("shakespeare", "jsonl"),
+    "split": ("random", "temporal"),
+}
+
+
+class ConfigError(ValueError):
+    """A run-config or node-config value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Typed view of the run config; attribute ``num_server_rounds`` is key ``num-server-rounds``."""
+
+    # federation
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    node_wait_seconds: float = 180.0
+    round_timeout: float = 900.0
+    # base model
+    base_model: str = "smollm2"
+    base_dtype: str = "bfloat16"
+    # adapter
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "q_proj,v_proj"
+    # local training and evaluation
+    local_steps: int = 12
+    batch_size: int = 4
+    seq_len: int = 128
+    learning_rate: float = 0.002
+    max_eval_blocks: int = 32
+    # data
+    data: str = "shakespeare"
+    min_speeches: int = 60
+    split: str = "random"
+    test_fraction: float = 0.2
+    seed: int = 0
+    # server safety and bookkeeping
+    max_update_mb: float = 64.0
+    evaluate_every: int = 0
+    ledger_url: str = ""
+    output_dir: str = ""
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederationConfig":
+        """Build from Flower's run config, refusing unknown keys and bad values by name."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(f"Unknown run-config key {key!r}; known keys: {sorted(k.replace('_', '-') for k in fields)}")
+            values[name] = _coerce(key, raw, type(fields[name].default))
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Range and choice checks; raises ConfigError naming the key."""
+        positive = ("num_server_rounds", "min_train_nodes", "lora_r", "lora_alpha", "local_steps", "batch_size",
+                    "seq_len", "max_eval_blocks", "min_speeches", "node_wait_seconds", "round_timeout",
+                    "learning_rate", "max_update_mb")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_key(name)} must be > 0, got {getattr(self, name)!r}")
+        for name, low, high in (("fraction_train", 0.0, 1.0), ("lora_dropout", 0.0, 0.99), ("test_fraction", 0.01, 0.99)):
+            value = getattr(self, name)
+            if not low <= value <= high or (name == "fraction_train" and value == 0):
+                raise ConfigError(f"{_key(name)} must be in ({low}, {high}], got {value!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{_key(name)} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.evaluate_every < 0:
+            raise ConfigError(f"evaluate-every must be >= 0 (0: only after the last round), got {self.evaluate_every}")
+        if not self.target_modules:
+            raise ConfigError("lora-target-modules must name at least one module, e.g. 'q_proj,v_proj'")
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+    @property
+    def evaluate_rounds(self) -> set[int]:
+        """Rounds after which every node scores the global adapter; always the last one."""
+        every = set(range(self.evaluate_every, self.num_server_rounds + 1, self.evaluate_every)) if self.evaluate_every else set()
+        return every | {self.num_server_rounds}
+
+    def as_run_config(self) -> dict[str, Any]:
+        """The dash-keyed mapping Flower uses (for ``--run-config`` and the ledger)."""
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(key: str, raw: Any, kind: type) -> Any:
+    """Flower gives TOML types; accept ints for floats, and numeric strings from node configs."""
+    try:
+        if kind is bool:
+            if isinstance(raw, str):
+                return raw.strip().lower() in ("1", "true", "yes")
+            return bool(raw)
+        if kind is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError("not an integer")
+            return int(raw)
+        if kind is float:
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError("not finite")
+            return value
+        return str(raw)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"Run-config key {key!r} expects {kind.__name__}, got {raw!r} ({error})") from error

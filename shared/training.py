@@ -1,0 +1,118 @@
+"""Tokenizing speeches into blocks, the local training loop, and held-out evaluation.
+
+A plain loop (nanoGPT style) rather than ``transformers.Trainer``: a client round is a few dozen
+steps, and the Trainer's set-up would cost more than the steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TokenBlocks:
+    """Fixed-length blocks of a token stream; padding positions carry label IGNORE_INDEX."""
+
+    input_ids: torch.Tensor  # [blocks, seq_len]
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens that are predicted (the first of each block has no context and is not)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def select(self, indices: torch.Tensor | list[int]) -> "TokenBlocks":
+        return TokenBlocks(self.input_ids[indices], self.attention_mask[indices], self.labels[indices])
+
+
+def tokenize_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int) -> TokenBlocks:
+    """Each text followed by EOS, concatenated in order, cut into blocks of ``seq_len`` tokens."""
+    if not texts:
+        raise ValueError("no texts to tokenize")
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(eos)
+    num_blocks = math.ceil(len(stream) / seq_len)
+    pad = num_blocks * seq_len - len(stream)
+    input_ids = torch.tensor(stream + [eos] * pad).view(num_blocks, seq_len)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    if pad:
+        attention_mask.view(-1)[-pad:] = 0
+        labels.view(-1)[-pad:] = IGNORE_INDEX
+    return TokenBlocks(input_ids, attention_mask, labels)
+
+
+def batches(blocks: TokenBlocks, batch_size: int, steps: int, seed: int):
+    """``steps`` batches drawn by reshuffling the blocks each epoch (seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(blocks), generator=generator)
+    position = 0
+    for _ in range(steps):
+        if position + batch_size > len(order) and position > 0:
+            order, position = torch.randperm(len(blocks), generator=generator), 0
+        indices = order[position : position + batch_size]
+        position += batch_size
+        yield blocks.select(indices)
+
+
+def train_adapter(
+    model: torch.nn.Module,
+    blocks: TokenBlocks,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train the model's trainable (adapter) parameters with AdamW; returns mean loss and steps."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ValueError("the model has no trainable parameters (is an adapter attached?)")
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    model.train()
+    losses = []
+    for batch in batches(blocks, batch_size, steps, seed):
+        output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+        if not torch.isfinite(output.loss):
+            raise FloatingPointError(f"training loss became {output.loss.item()} at step {len(losses) + 1}")
+        output.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(output.loss.item())
+    model.eval()
+    return {"train-loss": sum(losses) / len(losses), "train-steps": float(len(losses))}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, blocks: TokenBlocks, batch_size: int = 8) -> dict[str, float]:
+    """Token-weighted mean next-token loss, perplexity and accuracy over all blocks."""
+    model.eval()
+    total_loss, total_tokens, correct = 0.0, 0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks.select(list(range(start, min(start + batch_size, len(blocks)))))
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        targets = batch.labels[:, 1:]
+        predictions = logits[:, :-1]
+        mask = targets != IGNORE_INDEX
+        loss = torch.nn.functional.cross_entropy(
+            predictions.reshape(-1, predictions.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total_loss += loss.item()
+        total_tokens += int(mask.sum())
+        correct += int(((predictions.argmax(-1) == targets) & mask).sum())
+    mean_loss = total_loss / max(total_tokens, 1)
+    return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0)), "accuracy": correct / max(total_tokens, 1),
+            "tokens": float(total_tokens)}

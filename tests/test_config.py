@@ -1,0 +1,45 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from shared.config import ConfigError, FederationConfig
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_pyproject_run_config_matches_the_dataclass_defaults():
+    run_config = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert FederationConfig.from_run_config(run_config) == FederationConfig()
+    assert set(run_config) == set(FederationConfig().as_run_config())
+
+
+def test_values_are_coerced_and_read():
+    config = FederationConfig.from_run_config({"num-server-rounds": 5, "learning-rate": 1, "lora-target-modules": "q_proj, k_proj"})
+    assert config.num_server_rounds == 5
+    assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
+    assert config.target_modules == ["q_proj", "k_proj"]
+
+
+@pytest.mark.parametrize(
+    "run_config, message",
+    [
+        ({"num-server-round": 3}, "Unknown run-config key 'num-server-round'"),
+        ({"num-server-rounds": "three"}, "'num-server-rounds' expects int"),
+        ({"num-server-rounds": 2.5}, "'num-server-rounds' expects int"),
+        ({"local-steps": 0}, "local-steps must be > 0"),
+        ({"fraction-train": 1.5}, "fraction-train must be in"),
+        ({"split": "by-act"}, "split must be one of"),
+        ({"base-dtype": "int3"}, "base-dtype must be one of"),
+        ({"learning-rate": float("nan")}, "'learning-rate' expects float"),
+        ({"lora-target-modules": " , "}, "lora-target-modules must name"),
+    ],
+)
+def test_bad_run_config_is_refused_by_name(run_config, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        FederationConfig.from_run_config(run_config)
+
+
+def test_evaluate_rounds_always_include_the_last():
+    assert FederationConfig(num_server_rounds=5).evaluate_rounds == {5}
+    assert FederationConfig(num_server_rounds=5, evaluate_every=2).evaluate_rounds == {2, 4, 5}
