@@ -1,0 +1,1 @@
+"""Compressing the base model: vocabulary, layers, low rank, sharing, distillation, quantization, measurement."""

@@ -1,0 +1,143 @@
+"""Compression techniques on the tiny Llama: each must shrink what it claims and stay loadable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import build_model
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from shared.compression.layers import (
+    UnsupportedModelError,
+    drop_layers,
+    layer_importance,
+    magnitude_prune,
+    prune_heads,
+    prune_mlp_neurons,
+    select_layers,
+    select_layers_by_importance,
+)
+
+VOCAB = 384
+
+
+@pytest.fixture
+def model() -> LlamaForCausalLM:
+    return build_model(VOCAB, num_layers=4).eval()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def reload(model: torch.nn.Module, folder: Path) -> LlamaForCausalLM:
+    """Save, then load with plain from_pretrained, insisting that every weight was found."""
+    model.save_pretrained(folder)
+    loaded, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return loaded.eval()
+
+
+# --- layers -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("how", "num_layers", "keep", "expected"),
+    [
+        ("ends", 10, 5, [0, 1, 2, 8, 9]),
+        ("ends", 30, 8, [0, 1, 2, 3, 26, 27, 28, 29]),
+        ("ends", 4, 1, [0]),
+        ("even", 30, 8, [0, 4, 8, 12, 17, 21, 25, 29]),
+        ("even", 10, 4, [0, 3, 6, 9]),
+        ("even", 5, 5, [0, 1, 2, 3, 4]),
+        ("first", 10, 3, [0, 1, 2]),
+    ],
+)
+def test_select_layers(how: str, num_layers: int, keep: int, expected: list[int]) -> None:
+    assert select_layers(num_layers, keep, how) == expected
+
+
+def test_select_layers_by_importance() -> None:
+    scores = [0.9, 0.1, 0.5, 0.05, 0.7]
+    assert select_layers_by_importance(scores, 3) == [0, 2, 4]
+    assert select_layers(5, 2, "importance", scores=scores) == [0, 4]
+    with pytest.raises(ValueError):
+        select_layers(5, 2, "importance")
+    with pytest.raises(ValueError):
+        select_layers(5, 6, "ends")
+
+
+def test_layer_importance_scores_every_block(model: LlamaForCausalLM, tokens: torch.Tensor) -> None:
+    scores = layer_importance(model, [tokens, tokens[:1]])
+    assert len(scores) == 4
+    assert all(0 < score < 2 for score in scores)
+
+
+def test_drop_layers_saves_and_reloads(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_path: Path) -> None:
+    drop_layers(model, [0, 3])
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    before = logits(model, tokens)
+    loaded = reload(model, tmp_path)
+    assert loaded.config.num_hidden_layers == 2
+    assert torch.equal(logits(loaded, tokens), before)
+    # The KV cache is indexed by the renumbered blocks: cached decoding must match a full forward.
+    with torch.no_grad():
+        cache = model(input_ids=tokens[:, :-1], use_cache=True).cache
+        last = model(input_ids=tokens[:, -1:], cache=cache).logits[:, -1]
+    assert torch.allclose(last, before[:, -1], atol=1e-5)
+
+
+def test_unsupported_architecture_is_refused() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB))
+    with pytest.raises(UnsupportedModelError, match="llama"):
+        drop_layers(gpt2, [0])
+
+
+def test_prune_heads_removes_whole_kv_groups(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_path: Path) -> None:
+    prune_heads(model, keep_kv_heads=1)  # 4 query heads on 2 KV heads -> 2 query heads on 1
+    config = model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (2, 1, 8)
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.weight.shape == (16, 32)
+    assert attention.k_proj.weight.shape == attention.v_proj.weight.shape == (8, 32)
+    assert attention.o_proj.weight.shape == (32, 16)
+    before = logits(model, tokens)
+    assert torch.equal(logits(reload(model, tmp_path), tokens), before)
+
+
+def test_prune_heads_keeps_the_scored_group(model: LlamaForCausalLM) -> None:
+    q_rows_of_group_1 = model.model.layers[0].self_attn.q_proj.weight[16:32].clone()
+    scores = [torch.tensor([0.0, 1.0])] * 4
+    prune_heads(model, keep_ratio=0.5, scores=scores)
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, q_rows_of_group_1)
+
+
+def test_prune_mlp_neurons(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_path: Path) -> None:
+    prune_mlp_neurons(model, keep_ratio=0.25)
+    mlp = model.model.layers[0].mlp
+    assert model.config.intermediate_size == 16
+    assert mlp.gate_proj.weight.shape == mlp.up_proj.weight.shape == (16, 32)
+    assert mlp.down_proj.weight.shape == (32, 16)
+    before = logits(model, tokens)
+    assert torch.equal(logits(reload(model, tmp_path), tokens), before)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_magnitude_prune_reaches_target_sparsity(model: LlamaForCausalLM, scope: str) -> None:
+    measured = magnitude_prune(model, 0.6, scope=scope)
+    assert measured == pytest.approx(0.6, abs=0.01)
+    mlp = model.model.layers[1].mlp.down_proj
+    assert type(mlp.weight) is torch.nn.Parameter and not hasattr(mlp, "weight_orig")
+    if scope == "layer":
+        assert (mlp.weight == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
