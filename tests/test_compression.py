@@ -19,6 +19,7 @@ from shared.compression.layers import (
     select_layers,
     select_layers_by_importance,
 )
+from shared.compression.lowrank import LowRankLinear, densify, factorize_model
 
 VOCAB = 384
 
@@ -141,3 +142,48 @@ def test_magnitude_prune_reaches_target_sparsity(model: LlamaForCausalLM, scope:
     assert type(mlp.weight) is torch.nn.Parameter and not hasattr(mlp, "weight_orig")
     if scope == "layer":
         assert (mlp.weight == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
+
+
+# --- lowrank ------------------------------------------------------------------------------------------
+
+
+def parameter_total(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_factorize_at_full_rank_reproduces_outputs(model: LlamaForCausalLM, tokens: torch.Tensor) -> None:
+    before = logits(model, tokens)
+    factorize_model(model, rank=32)  # min(hidden 32, intermediate 64): exact
+    assert isinstance(model.model.layers[0].mlp.up_proj, LowRankLinear)
+    assert torch.allclose(logits(model, tokens), before, atol=1e-5)
+
+
+def test_factorize_at_low_rank_is_smaller_and_reloads(
+    model: LlamaForCausalLM, tokens: torch.Tensor, tmp_path: Path
+) -> None:
+    dense_total = parameter_total(model)
+    factorize_model(model, modules=("gate_proj", "up_proj", "down_proj", "q_proj"), rank=4)
+    # Per block: 3 MLP matrices 64x32 -> 4*(64+32); q_proj 32x32 -> 4*(32+32).
+    saved = 4 * (3 * (64 * 32 - 4 * 96) + (32 * 32 - 4 * 64))
+    assert parameter_total(model) == dense_total - saved
+    before = logits(model, tokens)
+    loaded = reload(model, tmp_path)  # a plain dense Llama holding the products
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, torch.nn.Linear)
+    assert torch.allclose(logits(loaded, tokens), before, atol=1e-5)
+    refactored = factorize_model(loaded, modules=("gate_proj", "up_proj", "down_proj", "q_proj"), rank=4)
+    assert parameter_total(refactored) == parameter_total(model)
+    assert torch.allclose(logits(refactored, tokens), before, atol=1e-5)
+
+
+def test_factorize_by_energy_and_state_dict_round_trip(model: LlamaForCausalLM, tokens: torch.Tensor) -> None:
+    factorize_model(model, energy=0.5)
+    ranks = {layer.mlp.gate_proj.rank for layer in model.model.layers}
+    assert all(1 <= rank < 32 for rank in ranks)
+    before = logits(model, tokens)
+    state = model.state_dict()
+    assert "model.layers.0.mlp.gate_proj.weight" in state and "model.layers.0.mlp.gate_proj.first" not in state
+    model.load_state_dict(state)
+    assert torch.allclose(logits(model, tokens), before, atol=1e-5)
+    densify(model)
+    assert type(model.model.layers[0].mlp.gate_proj) is torch.nn.Linear
+    assert torch.allclose(logits(model, tokens), before, atol=1e-5)

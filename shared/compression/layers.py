@@ -45,11 +45,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.model.layers
 
 
-def block_linear(layer: nn.Module, name: str) -> nn.Module:
-    """A decoder block's projection by its short name, e.g. "q_proj" or "down_proj"."""
+def linear_path(name: str) -> str:
+    """Where a projection named e.g. "q_proj" or "down_proj" lives inside a decoder block."""
     if name not in LINEAR_NAMES:
         raise ValueError(f"Unknown projection {name!r}; choose from {LINEAR_NAMES}")
-    return layer.get_submodule(("self_attn." if name in ATTENTION_LINEARS else "mlp.") + name)
+    return ("self_attn." if name in ATTENTION_LINEARS else "mlp.") + name
+
+
+def block_linear(layer: nn.Module, name: str) -> nn.Module:
+    """A decoder block's projection by its short name, e.g. "q_proj" or "down_proj"."""
+    return layer.get_submodule(linear_path(name))
 
 
 # --- Choosing and dropping whole blocks -------------------------------------------------------------
