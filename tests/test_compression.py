@@ -10,7 +10,9 @@ from tiny import build_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from shared.compression.layers import (
+    LINEAR_NAMES,
     UnsupportedModelError,
+    block_linear,
     drop_layers,
     layer_importance,
     magnitude_prune,
@@ -20,6 +22,14 @@ from shared.compression.layers import (
     select_layers_by_importance,
 )
 from shared.compression.lowrank import LowRankLinear, densify, factorize_model
+from shared.compression.measure import (
+    parameter_count,
+    peak_rss_subprocess,
+    perplexity,
+    sparse_nbytes,
+    storage_bytes,
+)
+from shared.compression.sharing import share_layers, unique_parameter_count
 
 VOCAB = 384
 
@@ -187,3 +197,76 @@ def test_factorize_by_energy_and_state_dict_round_trip(model: LlamaForCausalLM, 
     densify(model)
     assert type(model.model.layers[0].mlp.gate_proj) is torch.nn.Linear
     assert torch.allclose(logits(model, tokens), before, atol=1e-5)
+
+
+# --- sharing ------------------------------------------------------------------------------------------
+
+BLOCK_PARAMETERS = (32 * 32 + 2 * 16 * 32 + 32 * 32) + 3 * 64 * 32 + 2 * 32  # attention + MLP + 2 norms
+
+
+def test_share_layers_reduces_unique_parameters(model: LlamaForCausalLM) -> None:
+    before = unique_parameter_count(model)
+    share_layers(model, [[0, 1, 2], [3]])
+    assert unique_parameter_count(model) == before - 2 * BLOCK_PARAMETERS
+    assert parameter_count(model, unique=False) > parameter_count(model, unique=True)
+    layers = model.model.layers
+    assert layers[2].mlp.down_proj.weight is layers[0].mlp.down_proj.weight
+    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2, 3]
+
+
+def test_shared_layers_stay_tied_after_an_optimizer_step(model: LlamaForCausalLM, tokens: torch.Tensor) -> None:
+    share_layers(model, [[1, 2]], init="mean")
+    q0 = model.model.layers[1].self_attn.q_proj.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    q1, q2 = (model.model.layers[i].self_attn.q_proj.weight for i in (1, 2))
+    assert not torch.equal(q1, q0)
+    assert q1 is q2
+
+
+def test_shared_model_saves_untied_and_reloads(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_path: Path) -> None:
+    dense = unique_parameter_count(model)
+    share_layers(model, [[0, 1], [2, 3]])
+    before = logits(model, tokens)
+    loaded = reload(model, tmp_path)
+    assert torch.equal(logits(loaded, tokens), before)
+    assert unique_parameter_count(loaded) == dense  # the saving is in memory only
+    share_layers(loaded, [[0, 1], [2, 3]])
+    assert unique_parameter_count(loaded) == unique_parameter_count(model)
+    assert torch.equal(logits(loaded, tokens), before)
+
+
+# --- measure ------------------------------------------------------------------------------------------
+
+
+def test_perplexity_and_storage(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_path: Path) -> None:
+    ppl = perplexity(model, tokens, batch_size=1)
+    with torch.no_grad():
+        loss = model(input_ids=tokens, labels=tokens).loss  # mean over all predicted tokens
+    assert ppl == pytest.approx(loss.exp().item(), rel=1e-4)
+    assert perplexity(model, list(tokens), batch_size=2) == pytest.approx(ppl, rel=1e-5)
+    model.save_pretrained(tmp_path)
+    # Tied embeddings are stored once, in fp32, plus a few kB of safetensors header.
+    weights = 4 * unique_parameter_count(model)
+    assert weights < storage_bytes(tmp_path) < weights + 8192
+
+
+def test_sparse_nbytes_counts_only_nonzeros(model: LlamaForCausalLM) -> None:
+    dense = sparse_nbytes(model)
+    assert dense == 4 * unique_parameter_count(model)  # nothing is zero: every tensor stays dense
+    magnitude_prune(model, 0.9, scope="layer")
+    pruned = sum(block_linear(layer, n).weight.numel() for layer in model.model.layers for n in LINEAR_NAMES)
+    # Roughly: the pruned matrices shrink to 10% of the values plus one bit per entry.
+    expected = dense - 4 * pruned + round(0.1 * 4 * pruned) + pruned // 8
+    assert sparse_nbytes(model) == pytest.approx(expected, rel=0.01)
+    assert sparse_nbytes(model, "csr") < dense
+
+
+def test_peak_rss_subprocess_sees_the_workload() -> None:
+    # One spawn (each imports torch, a few seconds): the child holds the 300 MB argument on top of its
+    # ~280 MB of interpreter + torch, which alone would stay under 500 MB.
+    size, peak = peak_rss_subprocess(len, bytes(300 * 2**20))
+    assert size == 300 * 2**20
+    assert peak > 500 * 2**20
