@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,14 @@ import torch
 from tiny import build_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from shared.compression.distill import (
+    TopKLogitCache,
+    distillation_loss,
+    distillation_loss_topk,
+    hidden_layer_map,
+    hidden_state_loss,
+    topk_teacher_logits,
+)
 from shared.compression.layers import (
     LINEAR_NAMES,
     UnsupportedModelError,
@@ -270,3 +279,72 @@ def test_peak_rss_subprocess_sees_the_workload() -> None:
     size, peak = peak_rss_subprocess(len, bytes(300 * 2**20))
     assert size == 300 * 2**20
     assert peak > 500 * 2**20
+
+
+# --- distill ------------------------------------------------------------------------------------------
+
+
+def hand_kd(student: list[list[float]], teacher: list[list[float]], labels: list[int], alpha: float, t: float) -> float:
+    """The KD loss written out with explicit exp/log, position by position (label -100 skipped)."""
+
+    def softmax(row: list[float], temperature: float) -> list[float]:
+        exps = [math.exp(x / temperature) for x in row]
+        return [e / sum(exps) for e in exps]
+
+    ce, kl, count = 0.0, 0.0, 0
+    for s_row, t_row, label in zip(student, teacher, labels):
+        if label == -100:
+            continue
+        count += 1
+        ce += -math.log(softmax(s_row, 1.0)[label])
+        p_t, p_s = softmax(t_row, t), softmax(s_row, t)
+        kl += sum(pt * (math.log(pt) - math.log(ps)) for pt, ps in zip(p_t, p_s))
+    return (1 - alpha) * ce / count + alpha * t * t * kl / count
+
+
+KD_STUDENT = [[1.0, -0.5, 2.0, 0.3, 0.0], [0.2, 0.1, -1.0, 1.5, 0.7], [3.0, 0.0, 0.0, -2.0, 1.0]]
+KD_TEACHER = [[0.5, 0.5, 3.0, -1.0, 0.2], [1.0, -0.3, 0.0, 2.5, 0.1], [-1.0, 2.0, 0.4, 0.0, 0.9]]
+KD_LABELS = [2, -100, 4]
+
+
+@pytest.mark.parametrize(("alpha", "temperature"), [(0.3, 2.0), (0.0, 2.0), (1.0, 3.0), (0.5, 1.0)])
+def test_distillation_loss_matches_hand_computation(alpha: float, temperature: float) -> None:
+    student, teacher, labels = torch.tensor([KD_STUDENT]), torch.tensor([KD_TEACHER]), torch.tensor([KD_LABELS])
+    loss = distillation_loss(student, teacher, labels, alpha, temperature)
+    expected = hand_kd(KD_STUDENT, KD_TEACHER, KD_LABELS, alpha, temperature)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    if alpha == 0:
+        assert torch.allclose(loss, torch.nn.functional.cross_entropy(student[0], labels[0]))
+    # Top-k over the whole vocabulary is the full loss.
+    values, indices = torch.tensor([KD_TEACHER]).topk(5, dim=-1)
+    topk = distillation_loss_topk(student, values, indices, labels, alpha, temperature)
+    assert topk.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_topk_distillation_renormalises_the_teacher_over_its_top_k() -> None:
+    student, labels = torch.tensor([KD_STUDENT]), torch.tensor([KD_LABELS])
+    values, indices = torch.tensor([KD_TEACHER]).topk(2, dim=-1)
+    # A teacher that is -inf outside its top 2 has exactly that renormalised distribution.
+    truncated = torch.full((1, 3, 5), -math.inf).scatter(-1, indices, values)
+    loss = distillation_loss_topk(student, values, indices, labels, alpha=1.0, temperature=2.0)
+    expected = distillation_loss(student, truncated, labels, alpha=1.0, temperature=2.0)
+    assert torch.allclose(loss, expected)
+
+
+def test_hidden_state_loss_and_layer_map() -> None:
+    teacher = [torch.full((1, 2, 4), float(i)) for i in range(5)]  # embeddings + 4 blocks
+    student = [teacher[0], teacher[1], teacher[4] + 1.0]  # kept blocks 0 and 3; last one off by 1
+    layer_map = hidden_layer_map([0, 3])
+    assert layer_map == {0: 0, 1: 1, 2: 4}
+    assert hidden_state_loss(student, teacher, layer_map).item() == pytest.approx(1 / 3)
+
+
+def test_topk_logit_cache(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_path: Path) -> None:
+    cache = TopKLogitCache.build(model, tokens, k=4, batch_size=1)
+    values, indices = topk_teacher_logits(model, tokens, k=4)
+    assert len(cache) == 2 and torch.equal(cache.values, values) and torch.equal(cache.indices.long(), indices)
+    cache.save(tmp_path / "topk.safetensors")
+    loaded = TopKLogitCache.load(tmp_path / "topk.safetensors")
+    ids, batch_values, batch_indices = loaded[1:]
+    assert torch.equal(ids, tokens[1:]) and torch.equal(batch_values, values[1:])
+    assert torch.equal(batch_indices, cache.indices[1:])
