@@ -10,6 +10,7 @@ import torch
 from tiny import build_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from shared.base_model import weights_hash
 from shared.compression.distill import (
     TopKLogitCache,
     distillation_loss,
@@ -38,6 +39,7 @@ from shared.compression.measure import (
     sparse_nbytes,
     storage_bytes,
 )
+from shared.compression.quantize import cast_base, int8_weight_only
 from shared.compression.sharing import share_layers, unique_parameter_count
 
 VOCAB = 384
@@ -348,3 +350,37 @@ def test_topk_logit_cache(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_pat
     ids, batch_values, batch_indices = loaded[1:]
     assert torch.equal(ids, tokens[1:]) and torch.equal(batch_values, values[1:])
     assert torch.equal(batch_indices, cache.indices[1:])
+
+
+# --- quantize -----------------------------------------------------------------------------------------
+
+
+def test_cast_base_keeps_lora_fp32(model: LlamaForCausalLM, tokens: torch.Tensor) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    cast_base(peft_model, torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in peft_model.named_parameters()}
+    assert all(dtype == torch.float32 for name, dtype in dtypes.items() if "lora_" in name)
+    assert all(dtype == torch.bfloat16 for name, dtype in dtypes.items() if "lora_" not in name)
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    peft_model(input_ids=tokens, labels=tokens).loss.backward()
+    lora_grads = [p.grad for name, p in peft_model.named_parameters() if "lora_B" in name]
+    assert lora_grads and all(g is not None and g.dtype == torch.float32 for g in lora_grads)
+
+
+def test_int8_weight_only_refuses_clearly(model: LlamaForCausalLM) -> None:
+    with pytest.raises(NotImplementedError, match="cast_base"):
+        int8_weight_only(model)
+
+
+def test_weights_hash_sees_every_weight(model: LlamaForCausalLM) -> None:
+    original = weights_hash(model)
+    for name, param in model.named_parameters():
+        flat = param.data.view(-1)
+        kept = flat[-1].clone()
+        flat[-1] += 1.0
+        assert weights_hash(model) != original, name
+        flat[-1] = kept
+    assert weights_hash(model) == original
