@@ -45,7 +45,7 @@ EXPECTED_COLUMNS = {
         "clients_replied", "clients_failed", "metrics", "bytes_down", "bytes_up",
     },
     "client_results": {
-        "id", "round_id", "node_id", "user_id", "domain", "status", "num_examples",
+        "id", "round_id", "node_id", "phase", "user_id", "domain", "status", "num_examples",
         "metrics", "bytes_up", "bytes_down", "seconds", "error",
     },
     "events": {"id", "run_id", "round_number", "created_at", "kind", "node_id", "message"},
@@ -513,3 +513,14 @@ def test_an_in_memory_sqlite_ledger_works_across_threads() -> None:
             pool.submit(ledger.start_round, run_id, 1, 1, 0).result()
         assert [r.number for r in ledger.rounds(run_id)] == [1]
         assert len(ledger.runs()) == 1
+
+
+def test_client_results_keep_their_phase(ledger_url):
+    with ledger_url.open() as ledger:
+        run_id = ledger.start_run(7, {}, "tiny", "0" * 64)
+        ledger.start_round(run_id, 1, clients_sampled=1, bytes_down=10)
+        ledger.record_client_result(run_id, 1, node_id=1, status="ok")
+        ledger.record_client_result(run_id, 1, node_id=1, status="ok", phase="evaluate")
+        assert [c.phase for c in ledger.client_results(run_id)] == ["train", "evaluate"]
+        with pytest.raises(ValueError, match="phase"):
+            ledger.record_client_result(run_id, 1, node_id=1, status="ok", phase="predict")

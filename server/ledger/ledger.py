@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from . import migrate
-from .models import CLIENT_STATUSES, RUN_STATUSES, Checkpoint, ClientResult, Event, Round, Run, utcnow
+from .models import CLIENT_PHASES, CLIENT_STATUSES, RUN_STATUSES, Checkpoint, ClientResult, Event, Round, Run, utcnow
 from .records import ClientResultRecord, EventRecord, RoundRecord, RunRecord
 
 FINISHED_RUN_STATUSES = tuple(status for status in RUN_STATUSES if status != "running")
@@ -144,6 +144,7 @@ class Ledger:
         *,
         node_id: str | int,
         status: str,
+        phase: str = "train",
         user_id: str | None = None,
         domain: str | None = None,
         num_examples: int = 0,
@@ -155,8 +156,10 @@ class Ledger:
     ) -> None:
         """Record one client's reply (or failure) in a started round; status: ok, failed, rejected."""
         _check_one_of(status, CLIENT_STATUSES, "client result status")
+        _check_one_of(phase, CLIENT_PHASES, "client result phase")
         result = ClientResult(
             node_id=_flower_id(node_id),
+            phase=phase,
             status=status,
             user_id=user_id,
             domain=domain,

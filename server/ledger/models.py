@@ -29,6 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 RUN_STATUSES = ("running", "completed", "failed", "interrupted")
 CLIENT_STATUSES = ("ok", "failed", "rejected")
+CLIENT_PHASES = ("train", "evaluate")
 
 # Flower run and node ids are unsigned 64-bit: they overflow signed BIGINT and SQLite INTEGER.
 FLOWER_ID = String(32)
@@ -135,12 +136,14 @@ class ClientResult(Base):
     __tablename__ = "client_results"
     __table_args__ = (
         _one_of("status", CLIENT_STATUSES, "status"),
+        _one_of("phase", CLIENT_PHASES, "phase"),
         Index(None, "round_id", "node_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
     node_id: Mapped[str] = mapped_column(FLOWER_ID)
+    phase: Mapped[str] = mapped_column(String(16), default="train")  # train, or evaluate of the aggregate
     user_id: Mapped[str | None] = mapped_column(String(255))
     domain: Mapped[str | None] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16))

@@ -74,6 +74,7 @@ class ClientResultRecord:
     run_id: int
     round_number: int
     node_id: str
+    phase: str
     status: str
     user_id: str | None
     domain: str | None
@@ -90,6 +91,7 @@ class ClientResultRecord:
             run_id=run_id,
             round_number=round_number,
             node_id=result.node_id,
+            phase=result.phase,
             status=result.status,
             user_id=result.user_id,
             domain=result.domain,

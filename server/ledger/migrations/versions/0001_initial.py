@@ -64,6 +64,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("round_id", sa.Integer(), nullable=False),
         sa.Column("node_id", FLOWER_ID, nullable=False),
+        sa.Column("phase", sa.String(16), nullable=False),
         sa.Column("user_id", sa.String(255), nullable=True),
         sa.Column("domain", sa.String(255), nullable=True),
         sa.Column("status", sa.String(16), nullable=False),
@@ -78,6 +79,7 @@ def upgrade() -> None:
             ["round_id"], ["rounds.id"], name=op.f("fk_client_results_round_id_rounds"), ondelete="CASCADE"
         ),
         sa.CheckConstraint("status IN ('ok', 'failed', 'rejected')", name=op.f("ck_client_results_status")),
+        sa.CheckConstraint("phase IN ('train', 'evaluate')", name=op.f("ck_client_results_phase")),
     )
     op.create_index(op.f("ix_client_results_round_id"), "client_results", ["round_id"])
     op.create_index(op.f("ix_client_results_round_id_node_id"), "client_results", ["round_id", "node_id"])
