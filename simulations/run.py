@@ -18,7 +18,9 @@ import re
 import signal
 import socket
 import subprocess
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +66,8 @@ def flower_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, 
         "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        "RAY_TMPDIR": str(flwr_home / "ray"),
+        # Ray puts AF_UNIX sockets under RAY_TMPDIR, whose paths must stay under 108 bytes.
+        "RAY_TMPDIR": tempfile.mkdtemp(prefix="fg-ray-"),
         "RAY_DEDUP_LOGS": "0",
         "TOKENIZERS_PARALLELISM": "false",
     })
@@ -73,13 +76,12 @@ def flower_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, 
 
 def start_superlink(flwr_home: Path, env: dict[str, str]) -> subprocess.Popen:
     """A simulation SuperLink of our own, on the ports in ``env``; waits until it answers."""
-    (flwr_home / "ray").mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     log = open(flwr_home / "superlink.log", "ab")
     command = [
         str(Path(sys.executable).with_name("flower-superlink")), "--insecure", "--simulation",
         "--isolation", "subprocess", "--database", str(flwr_home / "state.db"),
-        "--host", "127.0.0.1", "--port", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"],
+        "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"],
         "--control-api-address", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
     ]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -140,7 +142,8 @@ def run_simulation(num_users: int, run_config: dict[str, object], workdir: Path,
         status = _run_status(run_id, env)
     finally:
         stop_process_group(superlink)
-    if "completed:success" not in status:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    if status != "finished:completed":
         raise SimulationError(f"Flower run {run_id} ended as {status!r}; logs: {flwr_home / 'superlink.log'}")
     return SimulationResult(run_id, status, ledger_url, workdir, time.monotonic() - started)
 
@@ -168,7 +171,7 @@ def _stream_run(command: list[str], env: dict[str, str], timeout: float) -> str:
 
 def _is_progress(line: str) -> bool:
     keys = ("ROUND", "aggregate_train", "aggregate_evaluate", "configure_train", "Received error", "Traceback",
-            "Error", "error", "Successfully", "finished", "Waiting for nodes")
+            "ERROR", "Error:", "Successfully started", "finished in", "Waiting for nodes")
     return any(key in line for key in keys)
 
 

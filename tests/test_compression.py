@@ -124,6 +124,11 @@ def test_unsupported_architecture_is_refused() -> None:
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB))
     with pytest.raises(UnsupportedModelError, match="llama"):
         drop_layers(gpt2, [0])
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(build_model(VOCAB), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(UnsupportedModelError, match="before wrapping it with peft"):
+        factorize_model(peft_model, rank=2)
 
 
 def test_prune_heads_removes_whole_kv_groups(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_path: Path) -> None:
