@@ -13,7 +13,7 @@ import time
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.runtime import adapter_session, require_base, user_blocks, user_for_node
+from client.runtime import adapter_session, device_config, require_base, user_blocks, user_for_node
 from shared.adapters import adapter_state, load_arrays, to_arrays
 from shared.config import FederationConfig
 from shared.training import evaluate, train_adapter
@@ -23,7 +23,7 @@ app = ClientApp()
 
 def _prepare(msg: Message, context: Context):
     """Config, user, adapter session with the incoming adapter loaded, and the user's blocks."""
-    config = FederationConfig.from_run_config(context.run_config)
+    config = device_config(FederationConfig.from_run_config(context.run_config), context.node_config)
     user = user_for_node(context.node_config, config)
     session = adapter_session(config)
     require_base(str(msg.content["config"].get("base-hash", "")), session.base_hash)

@@ -6,6 +6,7 @@ fresh process, so everything here is cached per process and keyed by what determ
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,6 +29,17 @@ class AdapterSession:
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
     base_hash: str
+
+
+def device_config(config: FederationConfig, node_config: Mapping[str, Any]) -> FederationConfig:
+    """The run config as this device applies it: its own copy of the base (node-config ``base-model``).
+
+    The server names the base by its own path; a device downloaded it elsewhere. The content hash
+    check in ``require_base`` guarantees both are the same weights.
+    """
+    if node_config.get("base-model"):
+        return dataclasses.replace(config, base_model=str(node_config["base-model"]))
+    return config
 
 
 @lru_cache(maxsize=1)
