@@ -24,8 +24,10 @@ from shared.compression.layers import (
     UnsupportedModelError,
     block_linear,
     drop_layers,
+    kv_group_activation_scores,
     layer_importance,
     magnitude_prune,
+    mlp_activation_scores,
     prune_heads,
     prune_mlp_neurons,
     select_layers,
@@ -148,6 +150,20 @@ def test_prune_heads_keeps_the_scored_group(model: LlamaForCausalLM) -> None:
     scores = [torch.tensor([0.0, 1.0])] * 4
     prune_heads(model, keep_ratio=0.5, scores=scores)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, q_rows_of_group_1)
+
+
+def test_activation_scores_see_silenced_units(model: LlamaForCausalLM, tokens: torch.Tensor) -> None:
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[:, 16:32] = 0  # KV group 1 (query heads 2, 3)
+        model.model.layers[1].mlp.down_proj.weight[:, 5] = 0
+    groups = kv_group_activation_scores(model, [tokens])
+    neurons = mlp_activation_scores(model, [tokens, tokens[:1]])
+    assert len(groups) == len(neurons) == 4
+    assert groups[0].shape == (2,) and groups[0][1] == 0 < groups[0][0]
+    assert neurons[1].shape == (64,) and neurons[1][5] == 0 and (neurons[1] > 0).sum() == 63
+    prune_mlp_neurons(model, keep_ratio=0.5, scores=neurons)
+    prune_heads(model, keep_kv_heads=1, scores=groups)
+    assert logits(model, tokens).isfinite().all()
 
 
 def test_prune_mlp_neurons(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 from torch.nn.utils import prune
+from transformers import PreTrainedModel
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -36,7 +37,8 @@ class UnsupportedModelError(ValueError):
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a Llama-architecture causal LM, or a clear error for anything else."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    # A peft wrapper forwards `config` to the base, so check the class too.
+    if not isinstance(model, PreTrainedModel) or model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"Compression supports Llama-architecture causal LMs (model_type in {SUPPORTED_MODEL_TYPES}); "
             f"got {type(model).__name__} with model_type {model_type!r}. Apply it to the base model, "
@@ -65,9 +67,10 @@ def select_layers(
 ) -> list[int]:
     """Indices of the ``keep`` blocks to keep, in order.
 
-    ``how``: "ends" keeps the first ceil(keep/2) and last floor(keep/2) blocks (measured on SmolLM2 to be
-    by far the least damaging); "even" spaces them evenly, first and last included; "first" keeps a
-    prefix; "importance" keeps the ``keep`` highest ``scores`` (see ``layer_importance``).
+    ``how``: "ends" keeps the first ceil(keep/2) and last floor(keep/2) blocks; "even" spaces them
+    evenly, first and last included; "first" keeps a prefix; "importance" keeps the ``keep`` highest
+    ``scores`` (see ``layer_importance``). On SmolLM2-135M, keeping 20 of 30 blocks, perplexity on a
+    Hamlet sample (base 44): "importance" 674, "ends" 891, "even" 18000.
     """
     if not 1 <= keep <= num_layers:
         raise ValueError(f"keep must be between 1 and {num_layers}, got {keep}")
@@ -180,7 +183,8 @@ def kv_group_scores(model: nn.Module) -> list[torch.Tensor]:
     """Per block, one score per KV group: ||v_proj rows of the group|| * ||o_proj columns it feeds||.
 
     A group is a key/value head plus the query heads that share it; its output reaches the residual
-    stream only through v_proj then o_proj, so small weights on that path mean a small contribution.
+    stream only through v_proj then o_proj. Needs no data, but measured worse than random on SmolLM2:
+    prefer ``kv_group_activation_scores``.
     """
     config = model.config
     kv_heads = config.num_key_value_heads
@@ -191,6 +195,47 @@ def kv_group_scores(model: nn.Module) -> list[torch.Tensor]:
         output = attention.o_proj.weight.detach().float().reshape(config.hidden_size, kv_heads, -1)
         scores.append(value.norm(dim=1) * output.norm(dim=(0, 2)))
     return scores
+
+
+@torch.no_grad()
+def _mean_input_magnitudes(model: nn.Module, batches: Iterable[torch.Tensor], name: str) -> list[torch.Tensor]:
+    """Per block, the mean |x_j| over every token of each input channel j of the named projection."""
+    layers = decoder_layers(model)
+    sums: list[torch.Tensor | float] = [0.0] * len(layers)
+    tokens = 0
+
+    def recorder(index: int):
+        def hook(module, args):
+            sums[index] = sums[index] + args[0].detach().float().abs().flatten(0, -2).sum(0)
+
+        return hook
+
+    handles = [block_linear(layer, name).register_forward_pre_hook(recorder(i)) for i, layer in enumerate(layers)]
+    try:
+        for input_ids in batches:
+            model(input_ids=input_ids, use_cache=False)
+            tokens += input_ids.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if tokens == 0:
+        raise ValueError("Activation scores need at least one batch of tokens")
+    return [total / tokens for total in sums]
+
+
+def kv_group_activation_scores(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Per block, one score per KV group: sum over its o_proj inputs j of mean|x_j| * ||o_proj column j||.
+
+    Activation-aware (as Wanda scores weights): how much the group actually writes to the residual
+    stream on ``batches`` (input ids, unpadded). Measured on SmolLM2-135M (Hamlet, 3 -> 2 KV groups):
+    perplexity 102 with these scores, 300-550 for random groups, 933 with ``kv_group_scores``.
+    """
+    heads_input = _mean_input_magnitudes(model, batches, "o_proj")
+    kv_heads = model.config.num_key_value_heads
+    return [
+        (magnitude * layer.self_attn.o_proj.weight.detach().float().norm(dim=0)).view(kv_heads, -1).sum(1)
+        for magnitude, layer in zip(heads_input, decoder_layers(model))
+    ]
 
 
 def prune_heads(
@@ -204,7 +249,8 @@ def prune_heads(
     With grouped-query attention a key/value head serves several query heads, so pruning removes whole
     groups: the model keeps its query-per-KV ratio and stays a valid Llama. A Llama config has one head
     count for all blocks, so every block keeps the same number of groups (the best ones for that block).
-    ``scores``: per block, one score per KV group (default ``kv_group_scores``).
+    ``scores``: per block, one score per KV group; ``kv_group_activation_scores`` is much better than
+    the data-free default, ``kv_group_scores``.
     """
     layers = decoder_layers(model)
     config = model.config
@@ -231,7 +277,10 @@ def prune_heads(
 
 
 def mlp_neuron_scores(model: nn.Module) -> list[torch.Tensor]:
-    """Per block, one score per intermediate neuron: ||gate row|| * ||up row|| * ||down column||."""
+    """Per block, one score per intermediate neuron: ||gate row|| * ||up row|| * ||down column||.
+
+    Needs no data, but measured far worse than random on SmolLM2: prefer ``mlp_activation_scores``.
+    """
     scores = []
     for layer in decoder_layers(model):
         mlp = layer.mlp
@@ -240,13 +289,28 @@ def mlp_neuron_scores(model: nn.Module) -> list[torch.Tensor]:
     return scores
 
 
+def mlp_activation_scores(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Per block, one score per neuron: its mean |activation| on ``batches`` * ||down_proj column||.
+
+    Measured on SmolLM2-135M (Hamlet, keeping 75%): perplexity 66 (base 44) with these scores, 512 for
+    random neurons, 195000 with ``mlp_neuron_scores``. Weight norms ignore how large each neuron's
+    activations actually are.
+    """
+    neurons = _mean_input_magnitudes(model, batches, "down_proj")
+    return [
+        magnitude * layer.mlp.down_proj.weight.detach().float().norm(dim=0)
+        for magnitude, layer in zip(neurons, decoder_layers(model))
+    ]
+
+
 def prune_mlp_neurons(
     model: nn.Module, keep_ratio: float, scores: Sequence[torch.Tensor] | None = None
 ) -> nn.Module:
     """Keep the ``keep_ratio`` most important intermediate neurons of every block's MLP.
 
     The same count in every block, as a Llama config has a single ``intermediate_size``.
-    ``scores``: per block, one score per neuron (default ``mlp_neuron_scores``).
+    ``scores``: per block, one score per neuron; ``mlp_activation_scores`` is much better than the
+    data-free default, ``mlp_neuron_scores``.
     """
     layers = decoder_layers(model)
     config = model.config
