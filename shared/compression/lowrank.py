@@ -17,6 +17,7 @@ So:
 - ``factorize_model(loaded, rank=r)`` on the reloaded model recovers the factors: the saved weight
   has rank <= r, so its rank-r SVD reproduces it.
 - peft cannot put LoRA on a ``LowRankLinear``; target other projections, or call ``densify`` first.
+- Factorize after head/neuron pruning, which edits ``nn.Linear`` weights.
 
 Measured on SmolLM2-135M: keeping 80% of the MLPs' spectral energy hurt perplexity a lot.
 """

@@ -13,6 +13,8 @@ unshared model, and plain ``from_pretrained`` loads a standard, unshared Llama c
 function. Call ``share_layers(loaded, groups)`` again to get the in-memory savings back; the groups are
 the caller's to keep (e.g. in its compression recipe). The saving is in memory only, and
 ``unique_parameter_count`` measures it.
+
+Share last, after dropping blocks and pruning: pruning gives each block new tensors, which unties them.
 """
 
 from __future__ import annotations
