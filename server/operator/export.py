@@ -1,0 +1,193 @@
+"""Exports of a run: its rounds and client results as JSON or CSV, its adapter as a peft folder."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy
+import safetensors.numpy
+
+from server.ledger import Ledger, LedgerError
+from server.ledger.records import ClientResultRecord, RoundRecord, RunRecord
+
+from .queries import CheckpointInfo, checkpoints
+
+FORMATS = ("csv", "json")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# The run-config keys an adapter_config.json is built from.
+LORA_KEYS = ("lora-r", "lora-alpha", "lora-dropout", "lora-target-modules", "base-model")
+
+# CSV: one row per round ("round") and per client result ("client"), metrics flattened.
+CSV_COLUMNS = (
+    "record", "run_id", "round", "phase", "node_id", "user_id", "domain", "status", "num_examples",
+    "clients_sampled", "clients_replied", "clients_failed", "bytes_down", "bytes_up", "seconds",
+    "started_at", "finished_at", "error",
+)  # fmt: skip
+METRIC_PREFIX = "metric:"
+
+
+# --- rounds and client results ------------------------------------------------------------------
+
+
+def export_run(ledger: Ledger, run: RunRecord, fmt: str, output: Path) -> tuple[int, int]:
+    """Write the run's rounds and client results to ``output``; returns (rounds, client results)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"export format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    rounds = ledger.rounds(run.id)
+    results = ledger.client_results(run.id)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", newline="", encoding="utf-8") as stream:
+        if fmt == "json":
+            write_json(stream, run, rounds, results)
+        else:
+            write_csv(stream, rounds, results)
+    return len(rounds), len(results)
+
+
+def write_json(stream: TextIO, run: RunRecord, rounds: list[RoundRecord], results: list[ClientResultRecord]) -> None:
+    """``{"run": {...}, "rounds": [...], "client_results": [...]}``, times in ISO 8601 (UTC)."""
+    document = {
+        "run": _plain(run),
+        "rounds": [_plain(round_) for round_ in rounds],
+        "client_results": [_plain(result) for result in results],
+    }
+    json.dump(document, stream, indent=1, allow_nan=False)
+    stream.write("\n")
+
+
+def write_csv(stream: TextIO, rounds: list[RoundRecord], results: list[ClientResultRecord]) -> None:
+    """One table: a row per round (``record=round``) then per client result (``record=client``).
+
+    Each metric gets a ``metric:<name>`` column; cells that do not apply to a row are empty.
+    """
+    metric_names = sorted({name for record in [*rounds, *results] for name in record.metrics})
+    writer = csv.DictWriter(stream, [*CSV_COLUMNS, *(METRIC_PREFIX + name for name in metric_names)])
+    writer.writeheader()
+    writer.writerows(_round_row(round_) for round_ in rounds)
+    writer.writerows(_client_row(result) for result in results)
+
+
+def _round_row(round_: RoundRecord) -> dict[str, Any]:
+    row = {
+        "record": "round", "run_id": round_.run_id, "round": round_.number,
+        "clients_sampled": round_.clients_sampled, "clients_replied": round_.clients_replied,
+        "clients_failed": round_.clients_failed, "bytes_down": round_.bytes_down, "bytes_up": round_.bytes_up,
+        "started_at": _iso(round_.started_at), "finished_at": _iso(round_.finished_at),
+    }  # fmt: skip
+    return row | _metric_cells(round_.metrics)
+
+
+def _client_row(result: ClientResultRecord) -> dict[str, Any]:
+    row = {
+        "record": "client", "run_id": result.run_id, "round": result.round_number, "phase": result.phase,
+        "node_id": result.node_id, "user_id": result.user_id, "domain": result.domain, "status": result.status,
+        "num_examples": result.num_examples, "bytes_down": result.bytes_down, "bytes_up": result.bytes_up,
+        "seconds": result.seconds, "error": result.error,
+    }  # fmt: skip
+    return row | _metric_cells(result.metrics)
+
+
+def _metric_cells(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {METRIC_PREFIX + name: value for name, value in metrics.items()}
+
+
+def _plain(record: Any) -> dict[str, Any]:
+    """A record dataclass as JSON-ready data (datetimes as ISO strings)."""
+    return {field.name: _json_value(getattr(record, field.name)) for field in dataclasses.fields(record)}
+
+
+def _json_value(value: Any) -> Any:
+    return _iso(value) if isinstance(value, datetime) else value
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+# --- adapters -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterExport:
+    """What ``write_adapter`` wrote."""
+
+    folder: Path
+    round_number: int
+    domain: str
+    num_tensors: int
+    content_hash: str
+
+
+def write_adapter(
+    ledger: Ledger, run: RunRecord, output: Path, round_number: int | None = None, domain: str = "",
+    overwrite: bool = False,
+) -> AdapterExport:  # fmt: skip
+    """Write a stored checkpoint as a peft adapter folder ``PeftModel.from_pretrained`` loads.
+
+    The checkpoint holds exactly the tensors of ``peft.get_peft_model_state_dict``; they go to
+    ``adapter_model.safetensors`` unchanged, next to an ``adapter_config.json`` built from the run's
+    LoRA settings. ``round_number`` None takes the latest round with a checkpoint for ``domain``.
+    """
+    stored = _find_checkpoint(ledger, run, round_number, domain)
+    lora = lora_config(run.config)  # before writing anything: a run without LoRA settings fails here
+    weights = output / ADAPTER_WEIGHTS
+    if weights.exists() and not overwrite:
+        raise FileExistsError(f"{weights} already exists (pass --force to replace it)")
+    tensors = ledger.load_checkpoint(run.id, stored.round_number, domain)
+    output.mkdir(parents=True, exist_ok=True)
+    save_tensors(tensors, weights)
+    lora.save_pretrained(str(output))
+    return AdapterExport(output, stored.round_number, domain, len(tensors), stored.content_hash)
+
+
+def lora_config(run_config: Mapping[str, Any]):  # -> peft.LoraConfig (peft is imported on use)
+    """The peft LoRA configuration of a run, from the run config stored in the ledger."""
+    missing = [key for key in LORA_KEYS if run_config.get(key) in (None, "")]
+    if missing:
+        raise LedgerError(f"the run's config lacks {', '.join(missing)}: cannot describe its adapter")
+    from peft import LoraConfig  # imports torch: only the adapter export pays for it
+
+    target_modules = run_config["lora-target-modules"]
+    if isinstance(target_modules, str):
+        target_modules = [name.strip() for name in target_modules.split(",") if name.strip()]
+    return LoraConfig(
+        r=int(run_config["lora-r"]),
+        lora_alpha=int(run_config["lora-alpha"]),
+        lora_dropout=float(run_config["lora-dropout"]),
+        target_modules=list(target_modules),
+        base_model_name_or_path=str(run_config["base-model"]),
+        task_type="CAUSAL_LM",
+        inference_mode=True,
+    )
+
+
+def save_tensors(tensors: Mapping[str, numpy.ndarray], path: Path) -> None:
+    """Save as peft does: safetensors with ``format: pt`` metadata."""
+    arrays = {name: numpy.ascontiguousarray(array) for name, array in tensors.items()}
+    safetensors.numpy.save_file(arrays, str(path), metadata={"format": "pt"})
+
+
+def _find_checkpoint(ledger: Ledger, run: RunRecord, round_number: int | None, domain: str) -> CheckpointInfo:
+    stored = [c for c in checkpoints(ledger, run.id) if c.domain == domain]
+    if round_number is not None:
+        stored = [c for c in stored if c.round_number == round_number]
+    if not stored:
+        which = "any round" if round_number is None else f"round {round_number}"
+        available = _describe_checkpoints(ledger, run)
+        raise LedgerError(f"run {run.id} has no checkpoint for {which}, domain {domain!r}; {available}")
+    return stored[-1]
+
+
+def _describe_checkpoints(ledger: Ledger, run: RunRecord) -> str:
+    stored = checkpoints(ledger, run.id)
+    if not stored:
+        return "it has no checkpoints at all"
+    return "stored: " + ", ".join(f"round {c.round_number} domain {c.domain!r}" for c in stored)
