@@ -1,52 +1,142 @@
-"""The fedgraft ClientApp: fine-tune the shared LoRA adapter on this user's speeches.
+"""The fedgraft ClientApp: fine-tune LoRA adapters on this user's speeches.
 
-A train message carries the global adapter and the announced base hash. The client checks the
-base, loads the adapter, scores it on the user's held-out speeches, trains locally, scores again,
-and replies with the adapter tensors and metrics only. Training and local evaluation share one
-message because in deployment every message pays a process start.
+A train message carries the shared adapter (or the part of it the method shares) and the announced
+base hash. The client checks the base, restores the user's private adapters from the device, trains
+what the method trains (shared and/or personal, see shared/methods.py), scores the user's model on
+held-out speeches before and after, saves its private state, and replies with the shared tensors
+and metrics only. Training and local evaluation share one message because in deployment every
+message pays a process start.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.runtime import adapter_session, device_config, require_base, user_blocks, user_for_node
+from client.personal import copy_adapter, load_personal, save_personal
+from client.runtime import (AdapterSession, adapter_session, device_config, require_base, state_folder, user_blocks,
+                            user_for_node)
 from shared.adapters import adapter_state, load_arrays, to_arrays
 from shared.config import FederationConfig
-from shared.training import evaluate, train_adapter
+from shared.data import UserData
+from shared.methods import PERSONAL, SHARED, Method, method
+from shared.training import TokenBlocks, evaluate, proximal_penalty, train_adapter
 
 app = ClientApp()
 
 
-def _prepare(msg: Message, context: Context):
-    """Config, user, adapter session with the incoming adapter loaded, and the user's blocks."""
+@dataclass
+class Job:
+    """Everything one message works with."""
+
+    config: FederationConfig
+    method: Method
+    user: UserData
+    session: AdapterSession
+    train_blocks: TokenBlocks
+    test_blocks: TokenBlocks
+    folder: Path
+    round: int
+
+
+def _prepare(msg: Message, context: Context) -> Job:
+    """Check the base, reset the adapters, load the incoming shared tensors and this user's private ones."""
     config = device_config(FederationConfig.from_run_config(context.run_config), context.node_config)
+    method_ = method(config.method)
     user = user_for_node(context.node_config, config)
     session = adapter_session(config)
     require_base(str(msg.content["config"].get("base-hash", "")), session.base_hash)
-    load_arrays(session.model, msg.content["arrays"], max_bytes=int(config.max_update_mb * 2**20))
+    session.reset()
+    folder = state_folder(context.node_config, config, user)
+    if method_.personal == "b-matrices":  # FedSA: the device's own B lives in its saved shared adapter
+        load_personal(session.model, SHARED, folder, session.base_hash)
+    if method_.sends_arrays:
+        load_arrays(session.model, msg.content["arrays"], max_bytes=int(config.max_update_mb * 2**20),
+                    adapter_name=SHARED, keep=method_.shared_key)
+    if method_.personal in ("stacked", "alone", "finetune") and not load_personal(session.model, PERSONAL, folder,
+                                                                                 session.base_hash):
+        if config.method == "ditto":  # Ditto starts the personal model from the global one
+            copy_adapter(session.model, SHARED, PERSONAL)
     train_blocks, test_blocks = user_blocks(user, session.tokenizer, config)
-    return config, user, session, train_blocks, test_blocks
+    return Job(config, method_, user, session, train_blocks, test_blocks, folder,
+               int(msg.content["config"].get("server-round", 0)))
 
 
-def _identity(user, session) -> ConfigRecord:
+def score_user_model(job: Job) -> dict[str, float]:
+    """Held-out scores of the model this method gives the user (see the table in shared/methods.py)."""
+    personal = job.method.personal
+    active = {"none": [SHARED], "b-matrices": [SHARED], "stacked": [SHARED, PERSONAL]}.get(personal, [PERSONAL])
+    job.session.use(active, trainable=[])
+    return evaluate(job.session.model, job.test_blocks, job.config.batch_size)
+
+
+def train_shared(job: Job) -> dict[str, float]:
+    """Local steps on the shared adapter, with FedProx's proximal term when that rule is chosen."""
+    job.session.use([SHARED], trainable=[SHARED])
+    parameters = job.session.parameters_of(SHARED)
+    penalty = None
+    if job.config.aggregation == "fedprox" and job.config.proximal_mu > 0:
+        penalty = proximal_penalty(parameters, {k: p.detach().clone() for k, p in parameters.items()},
+                                   job.config.proximal_mu)
+    return train_adapter(job.session.model, job.train_blocks, job.config.local_steps, job.config.batch_size,
+                         job.config.learning_rate, seed=job.config.seed + job.round, penalty=penalty)
+
+
+def train_personal(job: Job, steps: int) -> dict[str, float]:
+    """Steps on the personal adapter: on top of the frozen shared one (dual), or alone (local, Ditto)."""
+    stacked = job.method.personal == "stacked"
+    job.session.use([SHARED, PERSONAL] if stacked else [PERSONAL], trainable=[PERSONAL])
+    penalty = None
+    if job.config.method == "ditto" and job.config.ditto_lambda > 0:
+        shared = job.session.parameters_of(SHARED)
+        penalty = proximal_penalty(job.session.parameters_of(PERSONAL), {k: p.detach().clone() for k, p in shared.items()},
+                                   job.config.ditto_lambda)
+    return train_adapter(job.session.model, job.train_blocks, steps, job.config.batch_size, job.config.learning_rate,
+                         seed=job.config.seed + 7919 * (job.round + 1), penalty=penalty)
+
+
+def save_private_state(job: Job) -> None:
+    tags = {"method": job.method.name, "round": job.round, "user_id": job.user.user_id}
+    if job.method.personal == "b-matrices":
+        save_personal(job.session.model, SHARED, job.folder, job.session.base_hash, **tags)
+    elif job.method.personal in ("stacked", "alone", "finetune"):
+        save_personal(job.session.model, PERSONAL, job.folder, job.session.base_hash, **tags)
+
+
+def _identity(job: Job) -> ConfigRecord:
     # Ids stay out of the MetricRecord: Flower averages every metric key.
-    return ConfigRecord({"user-id": user.user_id, "domain": user.domain, "base-hash": session.base_hash})
+    return ConfigRecord({"user-id": job.user.user_id, "domain": job.user.domain, "base-hash": job.session.base_hash})
+
+
+def _shared_arrays(job: Job) -> ArrayRecord:
+    """What travels back: the shared tensors the method shares, nothing private."""
+    if not job.method.sends_arrays:
+        return ArrayRecord()
+    state = adapter_state(job.session.model, SHARED)
+    return to_arrays({key: tensor for key, tensor in state.items() if job.method.shared_key(key)})
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
-    config, user, session, train_blocks, test_blocks = _prepare(msg, context)
-    before = evaluate(session.model, test_blocks, config.batch_size)
-    seed = config.seed + int(msg.content["config"].get("server-round", 0))
-    stats = train_adapter(session.model, train_blocks, config.local_steps, config.batch_size, config.learning_rate, seed)
-    after = evaluate(session.model, test_blocks, config.batch_size)
+    job = _prepare(msg, context)
+    before = score_user_model(job)
+    stats = {"train-loss": float("nan"), "train-steps": 0.0}
+    if job.method.sends_arrays:
+        stats = train_shared(job)
+    if job.method.personal in ("stacked", "alone"):
+        steps = job.config.local_steps if job.method.name == "local" else job.config.personal_steps
+        personal_stats = train_personal(job, steps)
+        if not job.method.sends_arrays:
+            stats = personal_stats
+    after = score_user_model(job)
+    save_private_state(job)
     metrics = MetricRecord({
-        "num-examples": len(train_blocks),
+        "num-examples": len(job.train_blocks),
         **stats,
         "eval-loss-before": before["loss"],
         "eval-loss": after["loss"],
@@ -55,20 +145,24 @@ def train(msg: Message, context: Context) -> Message:
         "eval-tokens": after["tokens"],
         "seconds": time.perf_counter() - started,
     })
-    arrays: ArrayRecord = to_arrays(adapter_state(session.model))
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics, "identity": _identity(user, session)}), reply_to=msg)
+    return Message(RecordDict({"arrays": _shared_arrays(job), "metrics": metrics, "identity": _identity(job)}),
+                   reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_adapter(msg: Message, context: Context) -> Message:
-    """Held-out scores of the base alone and of the base with the received adapter."""
+    """Held-out scores of the base alone and of the user's model under the method."""
     started = time.perf_counter()
-    config, user, session, _, test_blocks = _prepare(msg, context)
-    with session.model.disable_adapter():
-        base = evaluate(session.model, test_blocks, config.batch_size)
-    adapted = evaluate(session.model, test_blocks, config.batch_size)
+    job = _prepare(msg, context)
+    with job.session.model.disable_adapter():
+        base = evaluate(job.session.model, job.test_blocks, job.config.batch_size)
+    if job.method.personal == "finetune":  # fedavg-ft: the user tunes a copy of the global adapter
+        copy_adapter(job.session.model, SHARED, PERSONAL)
+        train_personal(job, job.config.personal_steps)
+        save_private_state(job)
+    adapted = score_user_model(job)
     metrics = MetricRecord({
-        "num-examples": len(test_blocks),
+        "num-examples": len(job.test_blocks),
         "base-loss": base["loss"],
         "base-perplexity": base["perplexity"],
         "base-accuracy": base["accuracy"],
@@ -78,4 +172,4 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
         "eval-tokens": adapted["tokens"],
         "seconds": time.perf_counter() - started,
     })
-    return Message(RecordDict({"metrics": metrics, "identity": _identity(user, session)}), reply_to=msg)
+    return Message(RecordDict({"metrics": metrics, "identity": _identity(job)}), reply_to=msg)

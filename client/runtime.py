@@ -7,28 +7,56 @@ fresh process, so everything here is cached per process and keyed by what determ
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from shared.adapters import attach_adapter, lora_config
+import torch
+from peft import set_peft_model_state_dict
+
+from client.personal import user_folder
+from shared.adapters import adapter_state, attach_adapter, lora_config
 from shared.base_model import BaseModelError, cached_base
 from shared.config import ConfigError, FederationConfig
+from shared.methods import PERSONAL, SHARED
 from shared.data import UserData, load_jsonl_user, select_users, shakespeare_users
 from shared.training import TokenBlocks, tokenize_blocks
 
 
 @dataclass(frozen=True)
 class AdapterSession:
-    """The frozen base wrapped with one LoRA adapter, reused across messages of a run."""
+    """The frozen base with a ``shared`` and a ``personal`` LoRA adapter, reused across messages.
+
+    One process serves many users in simulation, so every message starts from ``initial`` (the
+    seeded initial tensors of both adapters) before loading what belongs to its user.
+    """
 
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
     base_hash: str
+    initial: dict[str, dict[str, torch.Tensor]]
+
+    def reset(self) -> None:
+        """Forget the previous user: both adapters back to their initial tensors."""
+        for adapter, state in self.initial.items():
+            set_peft_model_state_dict(self.model, state, adapter_name=adapter)
+
+    def use(self, active: list[str], trainable: list[str]) -> None:
+        """Make ``active`` adapters take part in the forward pass and only ``trainable`` ones learn."""
+        self.model.base_model.set_adapter(active)
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad = "lora_" in name and any(f".{adapter}." in name for adapter in trainable)
+
+    def parameters_of(self, adapter: str) -> dict[str, torch.nn.Parameter]:
+        """The adapter's parameters keyed by name with the adapter name removed."""
+        return {name.replace(f".{adapter}.", "."): parameter for name, parameter in self.model.named_parameters()
+                if "lora_" in name and f".{adapter}." in name}
 
 
 def device_config(config: FederationConfig, node_config: Mapping[str, Any]) -> FederationConfig:
@@ -45,7 +73,16 @@ def device_config(config: FederationConfig, node_config: Mapping[str, Any]) -> F
 @lru_cache(maxsize=1)
 def adapter_session(config: FederationConfig) -> AdapterSession:
     base, tokenizer, base_hash = cached_base(config.base_model, config.base_dtype)
-    return AdapterSession(attach_adapter(base, lora_config(config), seed=config.seed), tokenizer, base_hash)
+    model = attach_adapter(base, lora_config(config), seed=config.seed, adapter_name=SHARED, extra_adapters=(PERSONAL,))
+    initial = {adapter: adapter_state(model, adapter) for adapter in (SHARED, PERSONAL)}
+    return AdapterSession(model, tokenizer, base_hash, initial)
+
+
+def state_folder(node_config: Mapping[str, Any], config: FederationConfig, user: UserData) -> Path:
+    """Where this user's private adapters live on the device."""
+    root = node_config.get("state-dir") or config.state_dir
+    root = Path(str(root)) if root else Path(os.environ.get("FEDGRAFT_HOME", Path.home() / ".fedgraft")) / "devices"
+    return user_folder(root, user.user_id)
 
 
 def require_base(announced_hash: str | None, local_hash: str) -> None:
@@ -61,8 +98,8 @@ def require_base(announced_hash: str | None, local_hash: str) -> None:
 
 @lru_cache(maxsize=4)
 def _federation_users(config: FederationConfig, count: int) -> tuple[UserData, ...]:
-    users = shakespeare_users(min_speeches=config.min_speeches, split=config.split,
-                              test_fraction=config.test_fraction, seed=config.seed)
+    users = shakespeare_users(min_speeches=config.min_speeches, split=config.split, test_fraction=config.test_fraction,
+                              seed=config.seed, exclude_plays=config.excluded_plays)
     return tuple(select_users(users, count, seed=config.seed))
 
 

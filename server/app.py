@@ -1,18 +1,20 @@
-"""The fedgraft ServerApp: federate a LoRA adapter over the shared base and keep a round ledger."""
+"""The fedgraft ServerApp: federate LoRA adapters over the shared base and keep a round ledger."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from peft import PeftModel
 
 from server.ledger import Ledger
-from server.strategy import LedgerFedAvg
+from server.strategy import FederatedAdapters
 from shared.adapters import adapter_state, attach_adapter, expected_shapes, load_arrays, lora_config, save_adapter, to_arrays
 from shared.base_model import cached_base
 from shared.config import FederationConfig
+from shared.methods import GLOBAL_GROUP, method
 
 app = ServerApp()
 
@@ -26,19 +28,32 @@ def open_ledger(config: FederationConfig) -> Ledger:
     return Ledger(config.ledger_url or Ledger.default_url(state_dir()))
 
 
+def save_group_adapters(adapter: PeftModel, groups: dict[str, ArrayRecord], folder: Path) -> None:
+    """Each group's final adapter in peft's format: global-adapter/, domain-<name>/."""
+    for group, arrays in groups.items():
+        load_arrays(adapter, arrays, keep=lambda key, shared=set(arrays.keys()): key in shared)
+        name = "global-adapter" if group == GLOBAL_GROUP else group.replace("domain:", "domain-")
+        save_adapter(adapter, folder / name)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = FederationConfig.from_run_config(context.run_config)
+    method_ = method(config.method)
     ledger = open_ledger(config)
     base, _, base_hash = cached_base(config.base_model, config.base_dtype)
     adapter = attach_adapter(base, lora_config(config), seed=config.seed)
-    run_id = ledger.start_run(context.run_id, config.as_run_config(), config.base_model, base_hash)
-    strategy = LedgerFedAvg(
-        ledger, run_id,
-        expected_shapes=expected_shapes(adapter),
+    run_id = ledger.start_run(context.run_id, config.as_run_config(), config.base_model, base_hash, method=config.method)
+    strategy = FederatedAdapters(
+        ledger, run_id, method_,
+        adapter_shapes=expected_shapes(adapter),
+        aggregation=config.aggregation,
         max_update_bytes=int(config.max_update_mb * 2**20),
         node_wait_seconds=config.node_wait_seconds,
         evaluate_rounds=config.evaluate_rounds,
+        domain_mix=config.domain_mix,
+        server_learning_rate=config.server_learning_rate,
+        proximal_mu=config.proximal_mu,
         fraction_train=config.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=config.min_train_nodes,
@@ -47,15 +62,14 @@ def main(grid: Grid, context: Context) -> None:
     )
     announced = ConfigRecord({"base-hash": base_hash})
     try:
-        result = strategy.start(grid=grid, initial_arrays=to_arrays(adapter_state(adapter)),
-                                num_rounds=config.num_server_rounds, timeout=config.round_timeout,
-                                train_config=announced, evaluate_config=ConfigRecord(dict(announced)))
+        strategy.start(grid=grid, initial_arrays=to_arrays(adapter_state(adapter)), num_rounds=config.num_server_rounds,
+                       timeout=config.round_timeout, train_config=announced, evaluate_config=ConfigRecord(dict(announced)))
     except BaseException as error:
         ledger.record_event(run_id, "run-failed", f"{type(error).__name__}: {error}")
         ledger.finish_run(run_id, "failed")
         raise
-    load_arrays(adapter, result.arrays)
-    output = Path(config.output_dir) if config.output_dir else state_dir() / "runs"
-    save_adapter(adapter, output / f"run-{context.run_id}" / "global-adapter")
+    if method_.sends_arrays:
+        output = Path(config.output_dir) if config.output_dir else state_dir() / "runs"
+        save_group_adapters(adapter, strategy.groups, output / f"run-{context.run_id}")
     ledger.finish_run(run_id, "completed")
     ledger.close()

@@ -1,13 +1,15 @@
-"""FedAvg over LoRA adapters that checks every update and writes the round ledger.
+"""Federated adapters with a selectable personalization method, update checks and a round ledger.
 
-Aggregation itself is Flower's FedAvg (McMahan et al., 2017, https://arxiv.org/abs/1602.05629),
-weighted by each client's ``num-examples``; this subclass adds what a production server needs
-around it:
+Aggregation is Flower's: FedAvg (McMahan et al., 2017, https://arxiv.org/abs/1602.05629), FedProx,
+FedAdam or FedYogi (Reddi et al., 2021), one instance per aggregation group. A group is the global
+adapter or, for per-domain methods, one domain's adapter; replies are grouped by the domain each
+client declares. ``FederatedAdapters`` adds what a production server needs around them:
 
 - a deadline for node availability (Flower's sampler waits forever);
 - validation of every reply: hostile or corrupt updates (wrong keys or shapes, NaN, oversized,
   missing metrics) are rejected and recorded, never averaged in;
-- a ledger row for every round and every client result, failures included, with bytes moved.
+- per-node payloads: each node receives its group's adapter, and only the tensors the method shares;
+- a ledger row for every round and client result, failures included, and a checkpoint per group.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from server.ledger import Ledger
 from shared.adapters import AdapterUpdateError, array_nbytes, check_update
+from shared.methods import GLOBAL_GROUP, Method, group_of
 
 TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-steps", "eval-loss-before", "eval-loss",
                            "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds"})
@@ -55,62 +58,139 @@ def check_metrics(metrics: Mapping[str, float], expected: frozenset[str]) -> Non
         raise AdapterUpdateError(f"num-examples {metrics['num-examples']} is out of range")
 
 
-class LedgerFedAvg(FedAvg):
-    """Flower's FedAvg with update validation, a node deadline and a round ledger.
+def make_rule(name: str, server_learning_rate: float = 0.01, proximal_mu: float = 0.01) -> Strategy:
+    """A Flower strategy used only for its aggregation step (sampling is done by the caller)."""
+    common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 0, "min_available_nodes": 0}
+    if name == "fedavg":
+        return FedAvg(**common)
+    if name == "fedprox":  # the proximal term itself is applied by the clients
+        return FedProx(proximal_mu=proximal_mu, **common)
+    if name == "fedadam":
+        return FedAdam(eta=server_learning_rate, **common)
+    if name == "fedyogi":
+        return FedYogi(eta=server_learning_rate, **common)
+    raise ValueError(f"unknown aggregation rule {name!r}; choose fedavg, fedprox, fedadam or fedyogi")
+
+
+def aggregate_group(rule: Strategy, server_round: int, current: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+    """One group's new adapter: the rule's aggregate of its replies, starting from ``current``."""
+    if hasattr(rule, "current_arrays"):  # server optimisers (FedAdam, FedYogi) step from the current model
+        rule.current_arrays = {key: array.numpy() for key, array in current.items()}
+    arrays, _ = rule.aggregate_train(server_round, replies)
+    return arrays if arrays is not None else current
+
+
+def mix(domain: ArrayRecord, global_: ArrayRecord, weight: float) -> ArrayRecord:
+    """weight * domain + (1 - weight) * global, key by key (hierarchical global -> domain)."""
+    return ArrayRecord({key: Array(weight * domain[key].numpy() + (1 - weight) * global_[key].numpy())
+                        for key in domain.keys()})
+
+
+class FederatedAdapters(FedAvg):
+    """Flower's FedAvg sampling with per-group aggregation, update validation and a round ledger.
 
     Parameters
     ----------
     ledger : Ledger
-        Where rounds and client results are written.
+        Where rounds, client results, events and checkpoints are written.
     run_id : int
         The ledger's id of this run.
-    expected_shapes : Mapping[str, tuple[int, ...]]
-        Keys and shapes of the adapter tensors; any other update is rejected.
+    method : Method
+        The personalization method (what is shared, per domain or global).
+    adapter_shapes : Mapping[str, tuple[int, ...]]
+        Keys and shapes of the full shared adapter; replies must carry exactly the shared part.
+    aggregation : str
+        Flower rule that aggregates each group: fedavg, fedprox, fedadam or fedyogi.
     max_update_bytes : int
         Largest accepted update.
     node_wait_seconds : float
         How long to wait for ``min_available_nodes`` before failing the run.
     evaluate_rounds : set[int]
-        Rounds after which every node evaluates the aggregated adapter (and the base alone).
+        Rounds after which every node scores its model under the method (and the base alone).
+    domain_mix : float
+        For per-domain methods, the weight of the domain aggregate against the global one (1: pure domain).
+    server_learning_rate, proximal_mu : float
+        Passed to FedAdam/FedYogi (eta) and FedProx.
     **fedavg_args
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
 
-    def __init__(self, ledger: Ledger, run_id: int, expected_shapes: Mapping[str, tuple[int, ...]],
-                 max_update_bytes: int, node_wait_seconds: float, evaluate_rounds: set[int], **fedavg_args) -> None:
+    def __init__(self, ledger: Ledger, run_id: int, method: Method, adapter_shapes: Mapping[str, tuple[int, ...]],
+                 max_update_bytes: int, node_wait_seconds: float, evaluate_rounds: set[int], aggregation: str = "fedavg",
+                 domain_mix: float = 1.0, server_learning_rate: float = 0.01, proximal_mu: float = 0.01,
+                 **fedavg_args) -> None:
         super().__init__(**fedavg_args)
-        self.ledger = ledger
-        self.run_id = run_id
-        self.expected_shapes = dict(expected_shapes)
+        self.ledger, self.run_id, self.method = ledger, run_id, method
+        self.expected_shapes = {key: shape for key, shape in adapter_shapes.items() if method.shared_key(key)}
         self.max_update_bytes = max_update_bytes
         self.node_wait_seconds = node_wait_seconds
         self.evaluate_rounds = evaluate_rounds
+        self.domain_mix = domain_mix
+        self.new_rule = lambda: make_rule(aggregation, server_learning_rate, proximal_mu)
+        self.rules: dict[str, Strategy] = {}
+        self.groups: dict[str, ArrayRecord] = {}  # group -> its current adapter (the shared part)
+        self.node_groups: dict[int, str] = {}  # learned from the domain each node declares
         self._sent: dict[str, list[Message]] = {}  # phase -> messages of the current round
+
+    # --- payloads -------------------------------------------------------------------------------
+
+    def payload_for(self, node_id: int) -> ArrayRecord:
+        """The adapter a node starts from: its group's, or the global one before its domain is known."""
+        return self.groups.get(self.node_groups.get(node_id, GLOBAL_GROUP), self.groups[GLOBAL_GROUP])
+
+    def _messages(self, template: Iterable[Message], config: ConfigRecord, message_type: str) -> list[Message]:
+        return [Message(content=RecordDict({self.arrayrecord_key: self.payload_for(m.metadata.dst_node_id),
+                                            self.configrecord_key: config}),
+                        message_type=message_type, dst_node_id=m.metadata.dst_node_id) for m in template]
+
+    def _shared_part(self, arrays: ArrayRecord) -> ArrayRecord:
+        return ArrayRecord({key: arrays[key] for key in arrays.keys() if self.method.shared_key(key)})
 
     # --- training -------------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.groups.setdefault(GLOBAL_GROUP, self._shared_part(arrays))
         wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes), self.node_wait_seconds)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self._messages(super().configure_train(server_round, arrays, config, grid), config, MessageType.TRAIN)
         self._sent["train"] = messages
         self.ledger.start_round(self.run_id, server_round, clients_sampled=len(messages),
-                                bytes_down=len(messages) * array_nbytes(arrays))
+                                bytes_down=sum(array_nbytes(m.content[self.arrayrecord_key]) for m in messages))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         accepted = [reply for reply in replies if self._record_reply(server_round, reply, "train")]
         failed = len(replies) - len(accepted) + self._record_missing(server_round, replies, "train")
-        arrays, metrics = super().aggregate_train(server_round, accepted)
-        if arrays is None:
-            self.ledger.record_event(self.run_id, "round-not-aggregated", "no valid update this round; "
-                                     "the global adapter is kept", round_number=server_round)
-        else:
-            self.ledger.save_checkpoint(self.run_id, server_round, {k: v.numpy() for k, v in arrays.items()})
+        metrics = self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key) if accepted else None
+        if not accepted:
+            self.ledger.record_event(self.run_id, "round-not-aggregated", "no valid update this round; the adapters "
+                                     "are kept", round_number=server_round)
+        elif self.method.sends_arrays:
+            self._aggregate_groups(server_round, accepted)
         self.ledger.finish_round(self.run_id, server_round, clients_replied=len(accepted), clients_failed=failed,
                                  metrics=dict(metrics or {}),
-                                 bytes_up=sum(array_nbytes(r.content["arrays"]) for r in accepted))
-        return arrays, metrics
+                                 bytes_up=sum(array_nbytes(r.content[self.arrayrecord_key]) for r in accepted))
+        return self.groups[GLOBAL_GROUP], metrics
+
+    def _aggregate_groups(self, server_round: int, accepted: list[Message]) -> None:
+        """Global aggregate of all replies, then per-domain aggregates (mixed with the global one)."""
+        by_group: dict[str, list[Message]] = {}
+        for reply in accepted:
+            group = group_of(self.method, _text(reply.content.config_records.get("identity", ConfigRecord()), "domain"))
+            self.node_groups[self._node_of(reply, "train")] = group
+            by_group.setdefault(group, []).append(reply)
+        previous_global = self.groups[GLOBAL_GROUP]
+        self.groups[GLOBAL_GROUP] = aggregate_group(self.rules.setdefault(GLOBAL_GROUP, self.new_rule()), server_round,
+                                                    previous_global, accepted)
+        for group, group_replies in sorted(by_group.items()):
+            if group == GLOBAL_GROUP:
+                continue
+            current = self.groups.get(group, previous_global)  # a new domain starts where its nodes started
+            aggregate = aggregate_group(self.rules.setdefault(group, self.new_rule()), server_round, current, group_replies)
+            self.groups[group] = mix(aggregate, self.groups[GLOBAL_GROUP], self.domain_mix)
+        for group, arrays in self.groups.items():
+            self.ledger.save_checkpoint(self.run_id, server_round, {k: v.numpy() for k, v in arrays.items()},
+                                        domain="" if group == GLOBAL_GROUP else group.removeprefix("domain:"))
 
     # --- evaluation -----------------------------------------------------------------------------
 
@@ -118,7 +198,8 @@ class LedgerFedAvg(FedAvg):
         if server_round not in self.evaluate_rounds:
             return []
         wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes), self.node_wait_seconds)
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = self._messages(super().configure_evaluate(server_round, arrays, config, grid), config,
+                                  MessageType.EVALUATE)
         self._sent["evaluate"] = messages
         return messages
 
@@ -137,6 +218,10 @@ class LedgerFedAvg(FedAvg):
                 return message.metadata.dst_node_id
         return reply.metadata.src_node_id
 
+    def _sent_bytes(self, node_id: int, phase: str) -> int:
+        return sum(array_nbytes(m.content[self.arrayrecord_key]) for m in self._sent.get(phase, [])
+                   if m.metadata.dst_node_id == node_id)
+
     def _record_reply(self, server_round: int, reply: Message, phase: str) -> bool:
         """Write one client result; True when the reply is valid and may be used."""
         node_id = self._node_of(reply, phase)
@@ -147,21 +232,19 @@ class LedgerFedAvg(FedAvg):
                                      node_id=node_id)
             return False
         identity = reply.content.config_records.get("identity", ConfigRecord())
+        who = {"user_id": _text(identity, "user-id"), "domain": _text(identity, "domain")}
         try:
             metrics = self._checked_metrics(reply, phase)
         except AdapterUpdateError as error:
             self.ledger.record_client_result(self.run_id, server_round, node_id=node_id, phase=phase, status="rejected",
-                                             user_id=_text(identity, "user-id"), domain=_text(identity, "domain"),
-                                             error=str(error))
+                                             error=str(error), **who)
             self.ledger.record_event(self.run_id, "update-rejected", str(error), round_number=server_round, node_id=node_id)
             return False
-        arrays = reply.content.array_records.get("arrays")
+        arrays = reply.content.array_records.get(self.arrayrecord_key)
         self.ledger.record_client_result(
-            self.run_id, server_round, node_id=node_id, phase=phase, status="ok",
-            user_id=_text(identity, "user-id"), domain=_text(identity, "domain"),
+            self.run_id, server_round, node_id=node_id, phase=phase, status="ok", **who,
             num_examples=int(metrics["num-examples"]), metrics=dict(metrics), seconds=float(metrics["seconds"]),
-            bytes_up=array_nbytes(arrays) if arrays is not None else 0,
-            bytes_down=sum(array_nbytes(m.content["arrays"]) for m in self._sent.get(phase, [])[:1]),
+            bytes_up=array_nbytes(arrays) if arrays is not None else 0, bytes_down=self._sent_bytes(node_id, phase),
         )
         return True
 
@@ -173,9 +256,9 @@ class LedgerFedAvg(FedAvg):
         metrics = content.metric_records["metrics"]
         if phase == "train":
             check_metrics(metrics, TRAIN_METRICS)
-            if len(content.array_records) != 1 or "arrays" not in content.array_records:
-                raise AdapterUpdateError("reply must carry exactly one ArrayRecord named 'arrays'")
-            check_update(content.array_records["arrays"], self.expected_shapes, self.max_update_bytes)
+            if len(content.array_records) != 1 or self.arrayrecord_key not in content.array_records:
+                raise AdapterUpdateError(f"reply must carry exactly one ArrayRecord named {self.arrayrecord_key!r}")
+            check_update(content.array_records[self.arrayrecord_key], self.expected_shapes, self.max_update_bytes)
         return metrics
 
     def _record_missing(self, server_round: int, replies: list[Message], phase: str) -> int:

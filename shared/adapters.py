@@ -6,7 +6,7 @@ serialise to raw bytes plus dtype and shape: nothing received is ever unpickled.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +33,14 @@ def lora_config(config: FederationConfig) -> LoraConfig:
     )
 
 
-def attach_adapter(base: PreTrainedModel, lora: LoraConfig, seed: int = 0) -> PeftModel:
-    """Wrap a frozen base with a fresh LoRA adapter (fp32 even on a bf16 base), seeded."""
+def attach_adapter(base: PreTrainedModel, lora: LoraConfig, seed: int = 0, adapter_name: str = "default",
+                   extra_adapters: tuple[str, ...] = ()) -> PeftModel:
+    """Wrap a frozen base with fresh LoRA adapters (fp32 even on a bf16 base), seeded."""
     torch.manual_seed(seed)
     try:
-        model = get_peft_model(base, lora)
+        model = get_peft_model(base, lora, adapter_name=adapter_name)
+        for name in extra_adapters:
+            model.add_adapter(name, lora)
     except ValueError as error:  # peft names missing target modules; add what the model has
         linear_names = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ValueError(f"{error}. Linear modules in this base: {linear_names}") from error
@@ -47,9 +50,10 @@ def attach_adapter(base: PreTrainedModel, lora: LoraConfig, seed: int = 0) -> Pe
     return model
 
 
-def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
-    """The adapter's tensors only, keyed as peft saves them."""
-    return {name: tensor.detach().cpu().contiguous() for name, tensor in get_peft_model_state_dict(model).items()}
+def adapter_state(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """One adapter's tensors only, keyed as peft saves them."""
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return {name: tensor.detach().cpu().clone().contiguous() for name, tensor in state.items()}
 
 
 def to_arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -92,16 +96,23 @@ def check_update(arrays: ArrayRecord, reference: Mapping[str, tuple[int, ...]], 
     return result
 
 
-def expected_shapes(model: PeftModel) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes an update for this adapter must have."""
-    return {name: tuple(tensor.shape) for name, tensor in get_peft_model_state_dict(model).items()}
+def expected_shapes(model: PeftModel, adapter_name: str = "default",
+                    keep: Callable[[str], bool] = lambda key: True) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes an update for this adapter must have (only keys ``keep`` accepts)."""
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return {name: tuple(tensor.shape) for name, tensor in state.items() if keep(name)}
 
 
-def load_arrays(model: PeftModel, arrays: ArrayRecord, max_bytes: int = 1 << 30) -> None:
-    """Check an ArrayRecord of adapter tensors and load it into the model's active adapter."""
-    values = check_update(arrays, expected_shapes(model), max_bytes)
+def load_arrays(model: PeftModel, arrays: ArrayRecord, max_bytes: int = 1 << 30, adapter_name: str = "default",
+                keep: Callable[[str], bool] = lambda key: True) -> None:
+    """Check an ArrayRecord of adapter tensors and load it into one adapter of the model.
+
+    With ``keep``, the update holds only the accepted keys (e.g. FedSA's A matrices) and the
+    adapter's other tensors are left as they are.
+    """
+    values = check_update(arrays, expected_shapes(model, adapter_name, keep), max_bytes)
     state = {name: torch.from_numpy(np.array(value, dtype=np.float32)) for name, value in values.items()}
-    result = set_peft_model_state_dict(model, state)
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     if result.unexpected_keys:
         raise AdapterUpdateError(f"adapter keys not in the model: {result.unexpected_keys[:3]}")
 

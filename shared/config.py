@@ -13,8 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared.methods import AGGREGATIONS, METHODS
+
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "method": tuple(METHODS),
+    "aggregation": AGGREGATIONS,
     "base_dtype": ("float32", "bfloat16", "float16"),
     "data": ("shakespeare", "jsonl"),
     "split": ("random", "temporal"),
@@ -38,6 +42,15 @@ class FederationConfig:
     # base model
     base_model: str = "smollm2"
     base_dtype: str = "bfloat16"
+    # personalization (shared/methods.py)
+    method: str = "fedavg"
+    aggregation: str = "fedavg"
+    personal_steps: int = 12
+    ditto_lambda: float = 0.1
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    domain_mix: float = 1.0
+    state_dir: str = ""
     # adapter
     lora_r: int = 8
     lora_alpha: int = 16
@@ -52,6 +65,7 @@ class FederationConfig:
     # data
     data: str = "shakespeare"
     min_speeches: int = 60
+    exclude_plays: str = ""
     split: str = "random"
     test_fraction: float = 0.2
     seed: int = 0
@@ -83,13 +97,17 @@ class FederationConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_key(name)} must be > 0, got {getattr(self, name)!r}")
-        for name, low, high in (("fraction_train", 0.0, 1.0), ("lora_dropout", 0.0, 0.99), ("test_fraction", 0.01, 0.99)):
+        for name, low, high in (("fraction_train", 0.0, 1.0), ("lora_dropout", 0.0, 0.99), ("test_fraction", 0.01, 0.99),
+                                ("domain_mix", 0.0, 1.0)):
             value = getattr(self, name)
-            if not low <= value <= high or (name == "fraction_train" and value == 0):
+            if not low <= value <= high or (name in ("fraction_train", "domain_mix") and value == 0):
                 raise ConfigError(f"{_key(name)} must be in ({low}, {high}], got {value!r}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_key(name)} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("personal_steps", "ditto_lambda", "proximal_mu", "server_learning_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_key(name)} must be >= 0, got {getattr(self, name)!r}")
         if self.evaluate_every < 0:
             raise ConfigError(f"evaluate-every must be >= 0 (0: only after the last round), got {self.evaluate_every}")
         if not self.target_modules:
@@ -98,6 +116,11 @@ class FederationConfig:
     @property
     def target_modules(self) -> list[str]:
         return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
+
+    @property
+    def excluded_plays(self) -> list[str]:
+        """Plays kept out of the federation (e.g. the public text a compressed base was healed on)."""
+        return [name.strip() for name in self.exclude_plays.split(",") if name.strip()]
 
     @property
     def evaluate_rounds(self) -> set[int]:

@@ -7,7 +7,7 @@ steps, and the Trainer's set-up would cost more than the steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +76,13 @@ def train_adapter(
     batch_size: int,
     learning_rate: float,
     seed: int = 0,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Train the model's trainable (adapter) parameters with AdamW; returns mean loss and steps."""
+    """Train the model's trainable (adapter) parameters with AdamW; returns mean loss and steps.
+
+    ``penalty`` adds a regulariser to each step's loss (FedProx's and Ditto's proximal terms); the
+    reported loss is the language-model loss alone.
+    """
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError("the model has no trainable parameters (is an adapter attached?)")
@@ -88,12 +93,24 @@ def train_adapter(
         output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
         if not torch.isfinite(output.loss):
             raise FloatingPointError(f"training loss became {output.loss.item()} at step {len(losses) + 1}")
-        output.loss.backward()
+        loss = output.loss + penalty() if penalty is not None else output.loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(output.loss.item())
     model.eval()
     return {"train-loss": sum(losses) / len(losses), "train-steps": float(len(losses))}
+
+
+def proximal_penalty(parameters: dict[str, torch.nn.Parameter], anchor: dict[str, torch.Tensor],
+                     strength: float) -> Callable[[], torch.Tensor]:
+    """(strength / 2) * ||parameters - anchor||^2 over matching names (FedProx, Ditto)."""
+    pairs = [(parameters[name], anchor[name].detach()) for name in parameters]
+
+    def penalty() -> torch.Tensor:
+        return 0.5 * strength * sum(((p - a) ** 2).sum() for p, a in pairs)
+
+    return penalty
 
 
 @torch.no_grad()
