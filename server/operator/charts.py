@@ -15,6 +15,7 @@ from markupsafe import Markup
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
 MAX_MARKED_POINTS = 60  # above this, points get no marker or tooltip: the line says enough
+LEGEND_CHAR_WIDTH = 6.5  # about, at the legend's 11 px: only spacing depends on it
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,7 @@ class Frame:
     height: int
     left: int = 64
     right: int = 16
-    top: int = 34
+    top: int = 50
     bottom: int = 38
     x_range: tuple[float, float] = (0.0, 1.0)
     y_range: tuple[float, float] = (0.0, 1.0)
@@ -53,11 +54,16 @@ def line_chart(
     series: Sequence[Series],
     *,
     y_format: Callable[[float], str] | None = None,
+    y_from_zero: bool = False,
+    y_integer: bool = False,
     x_label: str = "round",
     width: int = 560,
     height: int = 240,
 ) -> Markup:
-    """An ``<svg class="chart" data-chart=name>`` with one polyline per series and a legend."""
+    """An ``<svg class="chart" data-chart=name>`` with one polyline per series and a legend.
+
+    ``y_from_zero`` starts the y axis at 0 (counts, sizes); ``y_integer`` keeps its ticks whole.
+    """
     values = [y for s in series for _, y in s.points if y is not None and math.isfinite(y)]
     xs = [x for s in series for x, _ in s.points]
     parts = [_open_svg(name, title, width, height), _text(8, 18, title, "chart-title")]
@@ -65,12 +71,12 @@ def line_chart(
         parts.append(_text(width / 2, height / 2, "no data yet", "chart-empty", anchor="middle"))
         return Markup("".join(parts) + "</svg>")
     x_ticks = nice_ticks(min(xs), max(xs), integer=True)
-    y_ticks = nice_ticks(min(values), max(values))
+    y_ticks = nice_ticks(min([*values, 0.0]) if y_from_zero else min(values), max(values), integer=y_integer)
     frame = Frame(width, height, x_range=(x_ticks[0], x_ticks[-1]), y_range=(y_ticks[0], y_ticks[-1]))
     parts += _axes(frame, x_ticks, y_ticks, y_format or tick_formatter(y_ticks), x_label)
     for index, one in enumerate(series):
-        parts += _series(frame, one, PALETTE[index % len(PALETTE)], y_format)
-    parts += _legend(series, width)
+        parts += _series(frame, one, _colour(index), y_format)
+    parts += _legend(series)
     return Markup("".join(parts) + "</svg>")
 
 
@@ -150,16 +156,18 @@ def _unbroken_runs(points: Sequence[tuple[float, float | None]]) -> list[list[tu
     return [run for run in runs if len(run) > 1]
 
 
-def _legend(series: Sequence[Series], width: int) -> list[str]:
-    parts, x = [], width - 8
-    for index in reversed(range(len(series))):
-        label = series[index].label
-        colour = PALETTE[index % len(PALETTE)]
-        parts.append(_text(x, 18, label, "legend", anchor="end"))
-        x -= 7 * len(label) + 6
-        parts.append(f'<rect x="{x - 10}" y="10" width="10" height="10" fill="{colour}"/>')
-        x -= 22
+def _legend(series: Sequence[Series], x: float = 8, y: float = 36) -> list[str]:
+    """Swatches and labels in a row under the title, each swatch right before its label."""
+    parts = []
+    for index, one in enumerate(series):
+        parts.append(f'<rect class="swatch" x="{x:.1f}" y="{y - 9:.1f}" width="10" height="10" fill="{_colour(index)}"/>')
+        parts.append(_text(x + 14, y, one.label, "legend"))
+        x += 14 + LEGEND_CHAR_WIDTH * len(one.label) + 16
     return parts
+
+
+def _colour(index: int) -> str:
+    return PALETTE[index % len(PALETTE)]
 
 
 def _text(x: float, y: float, content: str, css_class: str, anchor: str = "start") -> str:

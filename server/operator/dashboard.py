@@ -168,27 +168,36 @@ class Pages:
 
 
 def round_charts(rounds: Sequence[RoundRecord]) -> list[Any]:
-    """The run page's charts: losses, bytes moved and participation, per round."""
+    """The run page's charts: losses, adapter bytes moved and participation, per round."""
 
     def series(label: str, value: Callable[[RoundRecord], float | None]) -> Series:
         return Series(label, [(r.number, value(r)) for r in rounds])
 
+    unit, scale = byte_unit(max((max(r.bytes_down, r.bytes_up) for r in rounds), default=0))
     return [
         line_chart("loss", "Loss per round", [
             series("train", lambda r: r.metrics.get("train-loss")),
             series("held-out, before local training", lambda r: r.metrics.get("eval-loss-before")),
             series("held-out, after", lambda r: r.metrics.get("eval-loss")),
         ]),
-        line_chart("bytes", "Adapter bytes per round", [
-            series("down", lambda r: r.bytes_down),
-            series("up", lambda r: r.bytes_up),
-        ], y_format=lambda value: fmt.size(int(value))),
+        line_chart("bytes", f"Adapter bytes per round, all clients ({unit})", [
+            series("down", lambda r: r.bytes_down / scale),
+            series("up", lambda r: r.bytes_up / scale),
+        ], y_from_zero=True),
         line_chart("participation", "Clients per round", [
             series("sampled", lambda r: r.clients_sampled),
             series("replied", lambda r: r.clients_replied),
             series("failed", lambda r: r.clients_failed),
-        ]),
+        ], y_from_zero=True, y_integer=True),
     ]  # fmt: skip
+
+
+def byte_unit(largest: int) -> tuple[str, int]:
+    """The binary unit that shows ``largest`` bytes as a number below 1024, and its size."""
+    for power, unit in enumerate(("B", "KiB", "MiB", "GiB")):
+        if largest < 1024 ** (power + 1) or unit == "GiB":
+            return unit, 1024**power
+    raise AssertionError("unreachable")
 
 
 def _selected_round(request: Request, rounds: Sequence[RoundRecord]) -> int | None:
