@@ -22,7 +22,7 @@ from peft import set_peft_model_state_dict
 
 from client.personal import user_folder
 from shared.adapters import adapter_state, attach_adapter, lora_config
-from shared.base_model import BaseModelError, cached_base
+from shared.base_model import BaseModelError, load_model, load_tokenizer, weights_hash
 from shared.config import ConfigError, FederationConfig
 from shared.methods import PERSONAL, SHARED
 from shared.data import UserData, load_jsonl_user, select_users, shakespeare_users
@@ -72,7 +72,9 @@ def device_config(config: FederationConfig, node_config: Mapping[str, Any]) -> F
 
 @lru_cache(maxsize=1)
 def adapter_session(config: FederationConfig) -> AdapterSession:
-    base, tokenizer, base_hash = cached_base(config.base_model, config.base_dtype)
+    # A fresh copy of the base per session: peft injects adapters into the model it wraps.
+    base = load_model(config.base_model, config.base_dtype)
+    tokenizer, base_hash = load_tokenizer(config.base_model), weights_hash(base)
     model = attach_adapter(base, lora_config(config), seed=config.seed, adapter_name=SHARED, extra_adapters=(PERSONAL,))
     initial = {adapter: adapter_state(model, adapter) for adapter in (SHARED, PERSONAL)}
     return AdapterSession(model, tokenizer, base_hash, initial)

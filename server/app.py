@@ -12,7 +12,7 @@ from peft import PeftModel
 from server.ledger import Ledger
 from server.strategy import FederatedAdapters
 from shared.adapters import adapter_state, attach_adapter, expected_shapes, load_arrays, lora_config, save_adapter, to_arrays
-from shared.base_model import cached_base
+from shared.base_model import load_model, weights_hash
 from shared.config import FederationConfig
 from shared.methods import GLOBAL_GROUP, method
 
@@ -41,7 +41,8 @@ def main(grid: Grid, context: Context) -> None:
     config = FederationConfig.from_run_config(context.run_config)
     method_ = method(config.method)
     ledger = open_ledger(config)
-    base, _, base_hash = cached_base(config.base_model, config.base_dtype)
+    base = load_model(config.base_model, config.base_dtype)
+    base_hash = weights_hash(base)
     adapter = attach_adapter(base, lora_config(config), seed=config.seed)
     run_id = ledger.start_run(context.run_id, config.as_run_config(), config.base_model, base_hash, method=config.method)
     strategy = FederatedAdapters(

@@ -17,7 +17,6 @@ import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -133,13 +132,6 @@ def load_model(spec: str, dtype: str = "float32", cache_dir: Path | None = None)
     model.requires_grad_(False)
     model.eval()
     return model
-
-
-@lru_cache(maxsize=2)
-def cached_base(spec: str, dtype: str = "float32") -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """(model, tokenizer, content hash) loaded once per process, e.g. once per Ray actor."""
-    model = load_model(spec, dtype)
-    return model, load_tokenizer(spec), weights_hash(model)
 
 
 def weights_hash(model: torch.nn.Module) -> str:

@@ -1,0 +1,138 @@
+"""Client-side personalization: private state on the device, never in a message to the server."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from peft import PeftModel
+
+from client import app as client_app
+from client.personal import StalePersonalAdapter, user_folder
+from client.runtime import adapter_session
+from shared.adapters import adapter_state, attach_adapter, lora_config, to_arrays
+from shared.base_model import load_model
+from shared.config import FederationConfig
+from shared.methods import PERSONAL, SHARED
+
+LINES = ["Fair is foul, and foul is fair.", "When shall we three meet again?", "All the world's a stage.",
+         "To be, or not to be, that is the question.", "If music be the food of love, play on."] * 6
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    yield
+
+
+@pytest.fixture
+def device(tmp_path, tiny_base):
+    data = tmp_path / "me.jsonl"
+    data.write_text("\n".join(json.dumps({"text": line, "domain": "verse"}) for line in LINES))
+    return {"data": data, "state": tmp_path / "state", "base": tiny_base}
+
+
+def run_config(device, method: str, **overrides) -> dict:
+    values = {"base-model": str(device["base"]), "base-dtype": "float32", "method": method, "local-steps": 3,
+              "personal-steps": 3, "seq-len": 16, "batch-size": 2, "lora-r": 2, "lora-alpha": 4, "lora-dropout": 0.0,
+              "learning-rate": 0.05, "state-dir": str(device["state"])}
+    values.update(overrides)
+    return values
+
+
+def global_arrays(config: dict, method_keys=lambda key: True) -> ArrayRecord:
+    settings = FederationConfig.from_run_config(config)
+    model = attach_adapter(load_model(settings.base_model), lora_config(settings), seed=settings.seed)
+    return to_arrays({k: v for k, v in adapter_state(model).items() if method_keys(k)})
+
+
+def send(handler, config: dict, device, arrays: ArrayRecord, base_hash: str | None = None, server_round: int = 1):
+    session = adapter_session(FederationConfig.from_run_config(config))
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"base-hash": base_hash or session.base_hash,
+                                                                    "server-round": server_round})})
+    message = Message(content, dst_node_id=7, message_type="train" if handler is client_app.train else "evaluate")
+    message.metadata.__dict__["_message_id"] = "m1"
+    context = Context(run_id=1, node_id=7, node_config={"data-path": str(device["data"])}, state=RecordDict(),
+                      run_config=config)
+    return handler(message, context)
+
+
+def test_dual_sends_only_the_shared_adapter_and_keeps_the_personal_one(device):
+    config = run_config(device, "dual")
+    reply = send(client_app.train, config, device, global_arrays(config))
+    sent = reply.content["arrays"]
+    assert sent.keys() and all("personal" not in key for key in sent.keys())
+    session = adapter_session(FederationConfig.from_run_config(config))
+    personal = adapter_state(session.model, PERSONAL)
+    shared = adapter_state(session.model, SHARED)
+    assert set(sent.keys()) == set(shared)
+    # nothing in the message equals the personal tensors (the personal B moved away from zero)
+    assert any(t.abs().sum() > 0 for k, t in personal.items() if "lora_B" in k)
+    for key, tensor in personal.items():
+        if "lora_B" in key:
+            assert not np.allclose(sent[key].numpy(), tensor.numpy())
+    folder = user_folder(device["state"], "me") / PERSONAL
+    assert (folder / "adapter_model.safetensors").is_file()
+    # the saved personal adapter is plain peft: it loads with PeftModel.from_pretrained
+    loaded = PeftModel.from_pretrained(load_model(str(device["base"])), folder)
+    for key, tensor in adapter_state(loaded).items():
+        torch.testing.assert_close(tensor, personal[key])
+
+
+def test_personal_adapter_survives_a_client_restart(device):
+    config = run_config(device, "local")
+    reply = send(client_app.train, config, device, ArrayRecord())
+    assert len(reply.content["arrays"]) == 0  # local sends nothing
+    session = adapter_session(FederationConfig.from_run_config(config))
+    trained = adapter_state(session.model, PERSONAL)
+    adapter_session.cache_clear()  # a restarted device process starts from scratch...
+    restarted = adapter_session(FederationConfig.from_run_config(config))
+    restarted.reset()
+    assert not all(torch.equal(adapter_state(restarted.model, PERSONAL)[k], trained[k]) for k in trained)
+    before = send(client_app.evaluate_adapter, config, device, ArrayRecord())
+    # ...and the evaluate message found the saved adapter: the scores are those of the trained one
+    assert before.content["metrics"]["eval-loss"] == pytest.approx(reply.content["metrics"]["eval-loss"], rel=1e-5)
+    for key, tensor in adapter_state(restarted.model, PERSONAL).items():
+        torch.testing.assert_close(tensor, trained[key])
+
+
+def test_a_personal_adapter_from_another_base_is_refused(device, tmp_path):
+    config = run_config(device, "local")
+    send(client_app.train, config, device, ArrayRecord())
+    tag = user_folder(device["state"], "me") / PERSONAL / "fedgraft.json"
+    tag.write_text(json.dumps({"base_hash": "0" * 64}))
+    with pytest.raises(StalePersonalAdapter, match="trained on base 000000000000"):
+        send(client_app.train, config, device, ArrayRecord())
+
+
+def test_client_refuses_a_base_other_than_the_announced_one(device):
+    config = run_config(device, "fedavg")
+    with pytest.raises(Exception, match="base model mismatch"):
+        send(client_app.train, config, device, global_arrays(config), base_hash="ab" * 32)
+
+
+def test_fedsa_sends_A_only_and_keeps_its_own_B(device):
+    config = run_config(device, "fedsa")
+    arrays = global_arrays(config, lambda key: "lora_A" in key)
+    reply = send(client_app.train, config, device, arrays)
+    assert reply.content["arrays"].keys() and all("lora_A" in k for k in reply.content["arrays"].keys())
+    saved = user_folder(device["state"], "me") / SHARED / "adapter_model.safetensors"
+    from safetensors.torch import load_file
+    own_b = {k: v for k, v in load_file(saved).items() if "lora_B" in k}
+    assert own_b and any(v.abs().sum() > 0 for v in own_b.values())
+
+
+def test_ditto_personal_model_is_pulled_toward_the_shared_one(device):
+    far = run_config(device, "ditto", **{"ditto-lambda": 0.0, "state-dir": str(device["state"] / "a")})
+    near = run_config(device, "ditto", **{"ditto-lambda": 50.0, "state-dir": str(device["state"] / "b")})
+    distances = []
+    for config in (far, near):
+        send(client_app.train, config, device, global_arrays(config))
+        session = adapter_session(FederationConfig.from_run_config(config))
+        shared, personal = adapter_state(session.model, SHARED), adapter_state(session.model, PERSONAL)
+        distances.append(sum(float((personal[k] - shared[k]).norm()) for k in shared))
+    assert distances[1] < distances[0]
