@@ -1,0 +1,160 @@
+"""A whole secured federation on one machine: one SuperLink and N SuperNodes as separate processes.
+
+For tests, benchmarks and trying the deployment out; every process is started through the same
+commands an operator and a device owner type (``python -m deploy.superlink start``,
+``python -m deploy.device start``), and every one is stopped by PID (with its descendants) on exit.
+
+    with LoopbackFederation(workdir) as federation:
+        federation.start_superlink()
+        federation.add_device("dev0", base="/path/to/base", user="macbeth/MACBETH")
+        federation.wait_online(1)
+        run_id = federation.submit({"num-server-rounds": 2, ...})
+        federation.wait_for_run(run_id, timeout=600)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy import superlink as operator
+from deploy.common import PROJECT_ROOT, DeployError, free_port, stop_process, wait_for_port
+from deploy.device import keygen
+
+NODE_ID_LINE = re.compile(r"SuperNode ID: (\d+)")
+
+
+@dataclass
+class DeviceProcess:
+    """One device of the loopback federation: its key, registration and (current) SuperNode process."""
+
+    name: str
+    state_dir: Path
+    key: Path
+    base: str
+    user: str | None = None
+    data: Path | None = None
+    node_id: str | None = None  # from the registration
+    process: subprocess.Popen | None = None
+    starts: int = 0
+    extra_args: list[str] = field(default_factory=list)
+
+    @property
+    def log(self) -> Path:
+        return self.state_dir / "supernode.log"
+
+    def logged_node_ids(self) -> list[str]:
+        """Node ids the SuperNode printed at each start (``SuperNode ID: ...``)."""
+        return NODE_ID_LINE.findall(self.log.read_text(errors="replace")) if self.log.exists() else []
+
+
+class LoopbackFederation:
+    """A SuperLink (TLS + node authentication) and SuperNodes on 127.0.0.1, all stopped on exit."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.settings = operator.prepare(self.root / "operator", port=port or free_port())
+        self.superlink: subprocess.Popen | None = None
+        self.devices: dict[str, DeviceProcess] = {}
+
+    def __enter__(self) -> "LoopbackFederation":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # --- processes ------------------------------------------------------------------------------
+
+    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=PROJECT_ROOT)
+
+    def start_superlink(self, timeout: float = 60) -> subprocess.Popen:
+        """``python -m deploy.superlink start`` (it execs flower-superlink: same PID); waits until it listens."""
+        self.superlink = self._spawn(["deploy.superlink", "start", "--dir", str(self.settings.root)],
+                                     self.settings.log_file)
+        wait_for_port("127.0.0.1", self.settings.port, timeout, self.superlink, "flower-superlink", self.settings.log_file)
+        return self.superlink
+
+    def new_device(self, name: str, base: str | Path, user: str | None = None, data: Path | None = None,
+                   register: bool = True, extra_args: list[str] | None = None) -> DeviceProcess:
+        """Make a device's key pair and state folder, and register its key unless ``register`` is False."""
+        state_dir = self.root / "devices" / name
+        state_dir.mkdir(parents=True, exist_ok=True)
+        key, public = keygen(self.root / "keys" / name, force=True)
+        device = DeviceProcess(name, state_dir, key, str(base), user, data, extra_args=list(extra_args or []))
+        if register:
+            device.node_id = operator.register_node(self.settings, public, name)
+        self.devices[name] = device
+        return device
+
+    def start_device(self, device: DeviceProcess) -> subprocess.Popen:
+        """``python -m deploy.device start`` (it execs flower-supernode: same PID, own process group)."""
+        args = ["deploy.device", "start", "--superlink", self.settings.address, "--ca", str(self.settings.tls.ca_cert),
+                "--key", str(device.key), "--base", device.base, "--state-dir", str(device.state_dir),
+                *device.extra_args]
+        args += ["--user", device.user] if device.user is not None else ["--data", str(device.data)]
+        if device.process is not None and device.process.poll() is None:
+            raise DeployError(f"device {device.name} is already running (PID {device.process.pid})")
+        device.process = self._spawn(args, device.log)
+        device.starts += 1
+        return device.process
+
+    def add_device(self, name: str, base: str | Path, user: str | None = None, data: Path | None = None,
+                   register: bool = True) -> DeviceProcess:
+        device = self.new_device(name, base, user, data, register)
+        self.start_device(device)
+        return device
+
+    def kill_device(self, device: DeviceProcess) -> None:
+        """SIGKILL the SuperNode's whole process group (its SuperExec and ClientApp processes too)."""
+        if device.process is None:
+            return
+        try:
+            os.killpg(device.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        device.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Stop every process this federation started, by PID, SuperNodes first."""
+        for device in self.devices.values():
+            if device.process is not None:
+                stop_process(device.process, timeout=10)
+        if self.superlink is not None:
+            stop_process(self.superlink, timeout=15)
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def online_node_ids(self) -> set[str]:
+        return {str(node["node-id"]) for node in operator.list_nodes(self.settings) if node.get("status") == "online"}
+
+    def wait_online(self, count: int, timeout: float = 90) -> set[str]:
+        """Wait until at least ``count`` registered nodes are online; DeployError naming the logs if not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            online = self.online_node_ids()
+            if len(online) >= count:
+                return online
+            dead = [d.name for d in self.devices.values() if d.process is not None and d.process.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                raise DeployError(f"{len(online)} of {count} nodes online after {timeout:.0f} s; exited: {dead}; "
+                                  f"logs under {self.root / 'devices'}")
+            time.sleep(1.0)
+
+    def submit(self, run_config: dict[str, object]) -> str:
+        return operator.submit_run(self.settings, run_config)
+
+    def status(self, run_id: str) -> str:
+        return operator.run_status(self.settings, run_id)
+
+    def wait_for_run(self, run_id: str, timeout: float, poll: float = 2.0) -> str:
+        return operator.wait_for_run(self.settings, run_id, timeout, poll)
