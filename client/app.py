@@ -10,6 +10,7 @@ message pays a process start.
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,8 @@ def train(msg: Message, context: Context) -> Message:
         "eval-accuracy": after["accuracy"],
         "eval-tokens": after["tokens"],
         "seconds": time.perf_counter() - started,
+        # this process's peak resident memory so far (Linux reports KiB)
+        "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     })
     return Message(RecordDict({"arrays": _shared_arrays(job), "metrics": metrics, "identity": _identity(job)}),
                    reply_to=msg)

@@ -27,7 +27,7 @@ from shared.adapters import AdapterUpdateError, array_nbytes, check_update
 from shared.methods import GLOBAL_GROUP, Method, group_of
 
 TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-steps", "eval-loss-before", "eval-loss",
-                           "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds"})
+                           "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds", "peak-rss-mb"})
 MAX_EXAMPLES = 10**9  # a client claiming more is lying about its weight in the average
 
 

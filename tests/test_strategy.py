@@ -41,7 +41,8 @@ def arrays(value: float, keys=SHAPES) -> ArrayRecord:
 
 def metrics(examples: int, **extra) -> MetricRecord:
     values = {"num-examples": examples, "train-loss": 1.0, "train-steps": 2.0, "eval-loss-before": 2.0,
-              "eval-loss": 1.5, "eval-perplexity": 4.5, "eval-accuracy": 0.3, "eval-tokens": 10.0, "seconds": 1.0}
+              "eval-loss": 1.5, "eval-perplexity": 4.5, "eval-accuracy": 0.3, "eval-tokens": 10.0, "seconds": 1.0,
+              "peak-rss-mb": 300.0}
     values.update(extra)
     return MetricRecord(values)
 
