@@ -25,7 +25,7 @@ from server.ledger import Ledger, LedgerError
 from server.operator.charts import Series, line_chart, nice_ticks
 from server.operator.cli import app as cli_app
 from server.operator.dashboard import byte_unit, create_app
-from test_operator import USERS, Filled, fill_ledger, round_metrics, ops  # noqa: F401 (ops: CLI runner)
+from test_operator import USERS, Filled, fill_ledger, ops, round_metrics  # a sibling module: its ledger filler
 
 TOKEN = "s3cret-token"
 CHROMIUM = Path("/usr/bin/chromium")

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import Result
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
-from click.testing import Result
 from typer.testing import CliRunner
 
 from server.ledger import Ledger

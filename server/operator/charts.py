@@ -139,9 +139,8 @@ def _series(frame: Frame, series: Series, colour: str, y_format: Callable[[float
         label = y_format or (lambda value: f"{value:.4g}")
         for x, y in present:
             tooltip = escape(f"{series.label}, {x:g}: {label(y)}")
-            parts.append(
-                f'<circle cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}" r="3" fill="{colour}"><title>{tooltip}</title></circle>'
-            )
+            centre = f'cx="{frame.x(x):.1f}" cy="{frame.y(y):.1f}"'
+            parts.append(f'<circle {centre} r="3" fill="{colour}"><title>{tooltip}</title></circle>')
     return parts
 
 
@@ -160,7 +159,8 @@ def _legend(series: Sequence[Series], x: float = 8, y: float = 36) -> list[str]:
     """Swatches and labels in a row under the title, each swatch right before its label."""
     parts = []
     for index, one in enumerate(series):
-        parts.append(f'<rect class="swatch" x="{x:.1f}" y="{y - 9:.1f}" width="10" height="10" fill="{_colour(index)}"/>')
+        swatch = f'x="{x:.1f}" y="{y - 9:.1f}" width="10" height="10" fill="{_colour(index)}"'
+        parts.append(f'<rect class="swatch" {swatch}/>')
         parts.append(_text(x + 14, y, one.label, "legend"))
         x += 14 + LEGEND_CHAR_WIDTH * len(one.label) + 16
     return parts

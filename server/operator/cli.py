@@ -8,7 +8,6 @@ end the command with exit status 1 and one line on stderr saying what is wrong.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,10 +20,20 @@ from rich.text import Text
 from sqlalchemy.exc import DBAPIError
 
 from server.ledger import Ledger, LedgerError
+from server.ledger.records import RoundRecord, RunRecord
 
 from . import formatting as fmt
 from .export import FORMATS, export_run, write_adapter
-from .queries import checkpoints, default_ledger_url, open_ledger, resolve_run, round_seconds, run_duration, run_overviews
+from .queries import (
+    CheckpointInfo,
+    checkpoints,
+    default_ledger_url,
+    open_ledger,
+    resolve_run,
+    round_seconds,
+    run_duration,
+    run_overviews,
+)
 
 app = typer.Typer(
     name="fedgraft-ops",
@@ -57,7 +66,7 @@ def reading(db: str | None) -> Iterator[Ledger]:
     try:
         with open_ledger(url) as ledger:
             yield ledger
-    except (LedgerError, FileExistsError, ValueError) as error:
+    except (LedgerError, OSError) as error:  # OSError: an output that cannot be written, or exists
         fail(str(error))
     except DBAPIError as error:
         fail(f"reading the ledger failed: {' '.join(str(error.orig).split())}")
@@ -107,33 +116,44 @@ def show_run(run: RunRef, db: Db = None) -> None:
     """One run: status, base model identity, rounds summary, checkpoints and config."""
     with reading(db) as ledger:
         record = resolve_run(ledger, run)
-        rounds = ledger.rounds(record.id)
-        stored = checkpoints(ledger, record.id)
-        num_events = len(ledger.events(record.id))
-    last = rounds[-1].metrics if rounds else {}
-    summary = {
-        "ledger id": record.id,
-        "flower run id": record.flower_run_id,
-        "status": record.status,
-        "method": record.method,
-        "base model": record.base_model,
-        "base hash (sha256)": record.base_hash,
-        "started": fmt.timestamp(record.started_at),
-        "finished": fmt.timestamp(record.finished_at),
-        "duration": fmt.duration(run_duration(record)),
-        "rounds": f"{len(rounds)} ({sum(r.finished_at is not None for r in rounds)} finished)",
-        "client replies": f"{sum(r.clients_replied for r in rounds)} of {sum(r.clients_sampled for r in rounds)}"
-        f" sampled, {sum(r.clients_failed for r in rounds)} failed",
-        "bytes down / up": f"{fmt.size(sum(r.bytes_down for r in rounds))} / {fmt.size(sum(r.bytes_up for r in rounds))}",
-        "last train-loss": fmt.number(last.get("train-loss")),
-        "last eval-loss": fmt.number(last.get("eval-loss")),
-        "checkpoints": ", ".join(f"round {c.round_number}" + (f" ({c.domain})" if c.domain else "") for c in stored)
-        or fmt.MISSING,
-        "events": num_events,
-    }
+        summary = run_summary(record, ledger.rounds(record.id), checkpoints(ledger, record.id),
+                              num_events=len(ledger.events(record.id)))  # fmt: skip
     console = stdout()
     console.print(_key_values(f"Run {record.id}", summary))
     console.print(_key_values("Config", dict(sorted(record.config.items()))))
+
+
+def run_summary(
+    run: RunRecord, rounds: list[RoundRecord], stored: list[CheckpointInfo], num_events: int
+) -> dict[str, object]:
+    """What ``fedgraft-ops run`` shows about a run, label by label."""
+    finished = sum(r.finished_at is not None for r in rounds)
+    sampled, replied = sum(r.clients_sampled for r in rounds), sum(r.clients_replied for r in rounds)
+    failed = sum(r.clients_failed for r in rounds)
+    down, up = sum(r.bytes_down for r in rounds), sum(r.bytes_up for r in rounds)
+    last = rounds[-1].metrics if rounds else {}
+    return {
+        "ledger id": run.id,
+        "flower run id": run.flower_run_id,
+        "status": run.status,
+        "method": run.method,
+        "base model": run.base_model,
+        "base hash (sha256)": run.base_hash,
+        "started": fmt.timestamp(run.started_at),
+        "finished": fmt.timestamp(run.finished_at),
+        "duration": fmt.duration(run_duration(run)),
+        "rounds": f"{len(rounds)} ({finished} finished)",
+        "client replies": f"{replied} of {sampled} sampled, {failed} failed",
+        "bytes down / up": f"{fmt.size(down)} / {fmt.size(up)}",
+        "last train-loss": fmt.number(last.get("train-loss")),
+        "last eval-loss": fmt.number(last.get("eval-loss")),
+        "checkpoints": ", ".join(_checkpoint_label(c) for c in stored) or fmt.MISSING,
+        "events": num_events,
+    }
+
+
+def _checkpoint_label(checkpoint: CheckpointInfo) -> str:
+    return f"round {checkpoint.round_number}" + (f" ({checkpoint.domain})" if checkpoint.domain else "")
 
 
 def _key_values(title: str, values: dict[str, object]) -> Table:
@@ -231,7 +251,9 @@ def export(
 @app.command()
 def adapter(
     run: RunRef,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the peft adapter to.", show_default=False)],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder to write the peft adapter to.", show_default=False)
+    ],
     round_number: RoundOption = None,
     domain: Annotated[str, typer.Option(help="Domain of a per-domain checkpoint; empty: the global adapter.")] = "",
     force: Annotated[bool, typer.Option(help="Replace an adapter already in the folder.")] = False,
@@ -271,9 +293,5 @@ def serve(
         fail(str(error))
 
 
-def main() -> None:  # pragma: no cover - the console script calls app() directly
+if __name__ == "__main__":  # python -m server.operator.cli
     app(prog_name="fedgraft-ops")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
