@@ -91,6 +91,15 @@ def test_a_running_run_without_rounds_refreshes_and_says_so(client: TestClient, 
     assert "no rounds recorded yet" in page.text and page.text.count("no data yet") == 3
 
 
+def test_an_empty_ledger_shows_an_empty_runs_page(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    Ledger(url).close()  # created by the server, no run yet
+    with TestClient(create_app(url)) as empty:
+        page = empty.get("/")
+        assert page.status_code == 200 and "no runs in this ledger yet" in page.text
+        assert empty.get("/runs/1").status_code == 404
+
+
 def test_an_unknown_run_is_a_404_that_says_why(client: TestClient) -> None:
     page = client.get("/runs/999")
     assert page.status_code == 404 and "no run 999 in the ledger" in page.text

@@ -28,6 +28,7 @@ from .queries import (
     CheckpointInfo,
     checkpoints,
     default_ledger_url,
+    empty_ledger_message,
     open_ledger,
     resolve_run,
     round_seconds,
@@ -101,6 +102,8 @@ def runs(db: Db = None) -> None:
     """List the runs, oldest first."""
     with reading(db) as ledger:
         overviews = run_overviews(ledger)
+        if not overviews:
+            raise LedgerError(empty_ledger_message(ledger))
         where = ledger.masked_url
     columns = ("id", "flower run id", "method", "base", "status", "started", "duration", "rounds")
     out = table(f"Runs in {where}", *columns, numeric=("id", "flower run id", "duration", "rounds"))

@@ -109,8 +109,6 @@ class Pages:
     def runs(self, request: Request) -> Response:
         try:
             overviews = run_overviews(self.ledger)
-        except LedgerError as error:
-            return self._error(request, error, status=404)
         except DBAPIError as error:
             return self._error(request, error, status=503)
         return self._page(request, "runs.html", overviews=list(reversed(overviews)), where=self.ledger.masked_url)
@@ -132,6 +130,8 @@ class Pages:
             rounds, results = self.ledger.rounds(run.id), self.ledger.client_results(run.id)
         except LedgerError as error:
             return PlainTextResponse(str(error), 404)
+        except DBAPIError as error:
+            return PlainTextResponse(f"reading the ledger failed: {error.orig}", 503)
         stream = io.StringIO()
         if fmt_ == "json":
             write_json(stream, run, rounds, results)

@@ -65,10 +65,8 @@ def round_seconds(round_: RoundRecord) -> float | None:
 
 
 def run_overviews(ledger: Ledger) -> list[RunOverview]:
-    """Every run, oldest first, with its number of rounds; LedgerError if there is none."""
+    """Every run, oldest first, with its number of rounds."""
     runs = ledger.runs()
-    if not runs:
-        raise LedgerError(empty_ledger_message(ledger))
     counts = _scalar_pairs(ledger, select(Round.run_id, func.count()).group_by(Round.run_id))
     return [RunOverview(run, counts.get(run.id, 0)) for run in runs]
 
