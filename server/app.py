@@ -36,6 +36,19 @@ def save_group_adapters(adapter: PeftModel, groups: dict[str, ArrayRecord], fold
         save_adapter(adapter, folder / name)
 
 
+def open_run(ledger: Ledger, config: FederationConfig, flower_run_id: int, base_hash: str) -> int:
+    """A new ledger run, or the crashed run named by ``resume-run`` after checking it is the same job."""
+    if not config.resume_run:
+        return ledger.start_run(flower_run_id, config.as_run_config(), config.base_model, base_hash, method=config.method)
+    previous = ledger.run(config.resume_run)
+    if previous.status == "completed":
+        raise ValueError(f"run {previous.id} already completed; nothing to resume")
+    if previous.base_hash != base_hash or previous.method != config.method:
+        raise ValueError(f"run {previous.id} used method {previous.method!r} on base {previous.base_hash[:12]}...; "
+                         f"this run asks for {config.method!r} on {base_hash[:12]}...; refusing to resume")
+    return previous.id
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = FederationConfig.from_run_config(context.run_config)
@@ -44,7 +57,7 @@ def main(grid: Grid, context: Context) -> None:
     base = load_model(config.base_model, config.base_dtype)
     base_hash = weights_hash(base)
     adapter = attach_adapter(base, lora_config(config), seed=config.seed)
-    run_id = ledger.start_run(context.run_id, config.as_run_config(), config.base_model, base_hash, method=config.method)
+    run_id = open_run(ledger, config, context.run_id, base_hash)
     strategy = FederatedAdapters(
         ledger, run_id, method_,
         adapter_shapes=expected_shapes(adapter),
@@ -61,9 +74,11 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=config.min_train_nodes,
         min_available_nodes=config.min_train_nodes,
     )
+    strategy.restore(ledger.resume_run(run_id, context.run_id) if config.resume_run else 0)
+    initial = strategy.groups.get(GLOBAL_GROUP) or to_arrays(adapter_state(adapter))
     announced = ConfigRecord({"base-hash": base_hash})
     try:
-        strategy.start(grid=grid, initial_arrays=to_arrays(adapter_state(adapter)), num_rounds=config.num_server_rounds,
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds - strategy.round_offset,
                        timeout=config.round_timeout, train_config=announced, evaluate_config=ConfigRecord(dict(announced)))
     except BaseException as error:
         ledger.record_event(run_id, "run-failed", f"{type(error).__name__}: {error}")

@@ -28,6 +28,7 @@ from shared.methods import GLOBAL_GROUP, Method, group_of
 
 TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-steps", "eval-loss-before", "eval-loss",
                            "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds", "peak-rss-mb"})
+OPTIMIZER_PREFIX = "optimizer:"
 MAX_EXAMPLES = 10**9  # a client claiming more is lying about its weight in the average
 
 
@@ -131,6 +132,24 @@ class FederatedAdapters(FedAvg):
         self.groups: dict[str, ArrayRecord] = {}  # group -> its current adapter (the shared part)
         self.node_groups: dict[int, str] = {}  # learned from the domain each node declares
         self._sent: dict[str, list[Message]] = {}  # phase -> messages of the current round
+        self.round_offset = 0  # rounds already done before a resume; Flower counts from 1 again
+
+    # --- resume after a crash -------------------------------------------------------------------
+
+    def restore(self, last_round: int) -> None:
+        """Continue after ``last_round``: adapters and server-optimizer state come back from the ledger."""
+        self.round_offset = last_round
+        if last_round == 0 or not self.method.sends_arrays:
+            return
+        for domain in self.ledger.checkpoint_domains(self.run_id, last_round):
+            tensors = self.ledger.load_checkpoint(self.run_id, last_round, domain=domain)
+            if domain.startswith(OPTIMIZER_PREFIX):
+                rule = self.rules.setdefault(domain.removeprefix(OPTIMIZER_PREFIX), self.new_rule())
+                rule.m_t = {k.removeprefix("m/"): v for k, v in tensors.items() if k.startswith("m/")}
+                rule.v_t = {k.removeprefix("v/"): v for k, v in tensors.items() if k.startswith("v/")}
+            else:
+                group = f"domain:{domain}" if domain else GLOBAL_GROUP
+                self.groups[group] = ArrayRecord({k: Array(v) for k, v in tensors.items()})
 
     # --- payloads -------------------------------------------------------------------------------
 
@@ -149,6 +168,7 @@ class FederatedAdapters(FedAvg):
     # --- training -------------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self.groups.setdefault(GLOBAL_GROUP, self._shared_part(arrays))
         wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes), self.node_wait_seconds)
         messages = self._messages(super().configure_train(server_round, arrays, config, grid), config, MessageType.TRAIN)
@@ -158,6 +178,7 @@ class FederatedAdapters(FedAvg):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         accepted = [reply for reply in replies if self._record_reply(server_round, reply, "train")]
         failed = len(replies) - len(accepted) + self._record_missing(server_round, replies, "train")
@@ -191,10 +212,15 @@ class FederatedAdapters(FedAvg):
         for group, arrays in self.groups.items():
             self.ledger.save_checkpoint(self.run_id, server_round, {k: v.numpy() for k, v in arrays.items()},
                                         domain="" if group == GLOBAL_GROUP else group.removeprefix("domain:"))
+        for group, rule in self.rules.items():
+            if getattr(rule, "m_t", None):  # FedAdam/FedYogi moments, so a resumed run steps as if never stopped
+                state = {f"m/{k}": v for k, v in rule.m_t.items()} | {f"v/{k}": v for k, v in (rule.v_t or {}).items()}
+                self.ledger.save_checkpoint(self.run_id, server_round, state, domain=OPTIMIZER_PREFIX + group)
 
     # --- evaluation -----------------------------------------------------------------------------
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         if server_round not in self.evaluate_rounds:
             return []
         wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes), self.node_wait_seconds)
@@ -204,6 +230,7 @@ class FederatedAdapters(FedAvg):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         accepted = [reply for reply in replies if self._record_reply(server_round, reply, "evaluate")]
         self._record_missing(server_round, replies, "evaluate")

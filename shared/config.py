@@ -74,6 +74,7 @@ class FederationConfig:
     evaluate_every: int = 0
     ledger_url: str = ""
     output_dir: str = ""
+    resume_run: int = 0
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederationConfig":
@@ -108,6 +109,8 @@ class FederationConfig:
         for name in ("personal_steps", "ditto_lambda", "proximal_mu", "server_learning_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_key(name)} must be >= 0, got {getattr(self, name)!r}")
+        if self.resume_run < 0:
+            raise ConfigError(f"resume-run must be a ledger run id (> 0) or 0 for a new run, got {self.resume_run}")
         if self.evaluate_every < 0:
             raise ConfigError(f"evaluate-every must be >= 0 (0: only after the last round), got {self.evaluate_every}")
         if not self.target_modules:

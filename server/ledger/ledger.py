@@ -256,6 +256,39 @@ class Ledger:
             )
         return safetensors.numpy.load(data)
 
+    def resume_run(self, run_id: int, flower_run_id: str | int) -> int:
+        """Reopen a crashed run; returns the last round whose aggregate was committed.
+
+        Rounds after that one (a round cut short by the crash) are removed with their client results
+        and checkpoints, so the resumed run counts no round twice; a "resume" event says what happened.
+        """
+        with self._write() as session:
+            run = _get_run(session, run_id)
+            finished = session.scalars(select(Round.number).where(Round.run_id == run_id, Round.finished_at.is_not(None))
+                                       .order_by(Round.number)).all()
+            last = 0
+            for number in finished:  # the committed prefix 1..last, with no gap
+                if number != last + 1:
+                    break
+                last = number
+            dropped = session.scalars(select(Round).where(Round.run_id == run_id, Round.number > last)).all()
+            for round_ in dropped:
+                session.delete(round_)
+            for checkpoint in session.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id,
+                                                                       Checkpoint.round_number > last)):
+                session.delete(checkpoint)
+            run.status, run.finished_at = "running", None
+            session.add(Event(run_id=run_id, kind="resume", created_at=utcnow(), round_number=last,
+                              node_id=None, message=f"resumed as Flower run {flower_run_id} after round {last}; "
+                              f"discarded unfinished rounds {[r.number for r in dropped]}"))
+            return last
+
+    def checkpoint_domains(self, run_id: int, round_number: int) -> list[str]:
+        """The domains ("" for global) that have a checkpoint at this round."""
+        with self._sessions() as session:
+            return list(session.scalars(select(Checkpoint.domain).where(
+                Checkpoint.run_id == run_id, Checkpoint.round_number == round_number).order_by(Checkpoint.domain)))
+
     def finish_run(self, run_id: int, status: str) -> None:
         """Mark a run completed, failed or interrupted."""
         _check_one_of(status, FINISHED_RUN_STATUSES, "finished run status")

@@ -1,0 +1,78 @@
+"""A real server process killed mid-run (SIGKILL), then the run resumed from the ledger."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import pytest
+
+from server.ledger import Ledger
+from simulations.run import SimulationError, run_simulation
+
+pytestmark = pytest.mark.simulation
+ROUNDS, USERS = 3, 2
+
+
+def kill_server_after_round(ledger_url: str, flwr_home: str, number: int, deadline: float) -> list[int]:
+    """Wait until round ``number`` is committed, then SIGKILL the process running our ServerApp.
+
+    In simulation the ServerApp runs inside ``flwr-simulation``; only processes of this test's own
+    Flower home are touched.
+    """
+    while time.monotonic() < deadline:
+        try:
+            with Ledger(ledger_url, read_only=True) as ledger:
+                runs = ledger.runs()
+                if runs and any(r.number == number and r.finished_at for r in ledger.rounds(runs[-1].id)):
+                    break
+        except Exception:  # the ledger file may not exist yet
+            pass
+        time.sleep(0.5)
+    killed = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            ours = process.environ().get("FLWR_HOME") == flwr_home
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+        if ours and any(name in part for part in (process.info["cmdline"] or [])
+                        for name in ("flwr-simulation", "flwr-serverapp")):
+            process.kill()
+            killed.append(process.pid)
+    return killed
+
+
+def test_killed_server_resumes_from_the_last_committed_round(tiny_base, tmp_path):
+    ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    run_config = {"base-model": str(tiny_base), "base-dtype": "float32", "num-server-rounds": ROUNDS,
+                  "min-train-nodes": USERS, "local-steps": 4, "seq-len": 32, "batch-size": 2, "max-eval-blocks": 4,
+                  "aggregation": "fedadam", "server-learning-rate": 0.05, "ledger-url": ledger_url,
+                  "node-wait-seconds": 60, "round-timeout": 120}
+    killed: list[int] = []
+    flwr_home = str((tmp_path / "first" / "flwr-home").resolve())
+    killer = threading.Thread(target=lambda: killed.extend(
+        kill_server_after_round(ledger_url, flwr_home, 1, time.monotonic() + 300)))
+    killer.start()
+    with pytest.raises(SimulationError):
+        run_simulation(USERS, run_config, tmp_path / "first", timeout=400)
+    killer.join()
+    assert killed, "no flwr-serverapp process was found to kill"
+
+    with Ledger(ledger_url, read_only=True) as ledger:
+        (crashed,) = ledger.runs()
+        done_before = [r.number for r in ledger.rounds(crashed.id) if r.finished_at]
+    assert crashed.status in ("running", "failed") and 1 in done_before and ROUNDS not in done_before
+
+    result = run_simulation(USERS, {**run_config, "resume-run": crashed.id}, tmp_path / "second", timeout=400)
+    with Ledger(ledger_url, read_only=True) as ledger:
+        run = ledger.run(crashed.id)
+        rounds = ledger.rounds(run.id)
+        events = ledger.events(run.id)
+        assert len(ledger.runs()) == 1  # the same ledger run continued
+        assert run.status == "completed"
+        assert [r.number for r in rounds] == list(range(1, ROUNDS + 1))  # no round twice, none missing
+        assert all(r.finished_at and r.clients_replied == USERS for r in rounds)
+        (resume,) = [e for e in events if e.kind == "resume"]
+        assert result.flower_run_id in resume.message
+        assert {"", "optimizer:global"} <= set(ledger.checkpoint_domains(run.id, ROUNDS))
