@@ -22,7 +22,7 @@ from rich.console import Console
 from shared.base_model import materialize_base
 from shared.methods import METHODS
 from simulations.personalization_report import MethodRun, write_personalization_report
-from simulations.run import PROJECT_ROOT, SimulationError, run_simulation
+from simulations.run import PROJECT_ROOT, SimulationError, _exit_on_sigterm, run_simulation
 
 console = Console()
 EXPERIMENTS = PROJECT_ROOT / "simulations" / "experiments"
@@ -57,14 +57,15 @@ def run_method(name: str, experiment: Experiment, base: str, out: Path, users: i
                rounds: int | None = None, extra: dict[str, object] | None = None) -> MethodRun:
     """One method's federation; returns where its ledger is."""
     users, rounds = users or experiment.users, rounds or experiment.rounds
-    run_config = {**experiment.run_config, "base-model": base, "method": name, "num-server-rounds": rounds,
-                  "min-train-nodes": users, "state-dir": str(out / "devices"), **(extra or {})}
+    run_config = {"round-timeout": 3600, **experiment.run_config, "base-model": base, "method": name,
+                  "num-server-rounds": rounds, "min-train-nodes": users, "state-dir": str(out / "devices"), **(extra or {})}
     console.rule(f"[bold]{name}[/]: {users} users, {rounds} rounds, base {base}")
     result = run_simulation(users, run_config, out, timeout=3 * 3600)
     return MethodRun(name, result.ledger_url, result.flower_run_id, result.seconds, str(run_config["base-model"]))
 
 
 def main(argv: list[str] | None = None) -> int:
+    _exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", type=Path, default=EXPERIMENTS / "personalization.toml")
     parser.add_argument("--base", default="smollm2", help="the base every method shares")

@@ -210,13 +210,22 @@ def parse_overrides(text: str) -> dict[str, object]:
     return overrides
 
 
+def _exit_on_sigterm() -> None:
+    """Turn SIGTERM into an exception so `finally` blocks stop the SuperLink and its Ray workers."""
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _exit_on_sigterm()
     args = parse_args(argv)
     console.rule("[bold]fedgraft: simulated Shakespeare federation")
     with console.status("Preparing the base model (a GGUF is converted once, then cached)..."):
         materialize_base(args.base)
-    run_config = {"base-model": args.base, "num-server-rounds": args.rounds,
-                  "min-train-nodes": min(args.users, 2), **parse_overrides(args.run_config)}
+    # Simulated clients share one actor and run one after another: a round lasts the sum of them.
+    run_config = {"base-model": args.base, "num-server-rounds": args.rounds, "min-train-nodes": min(args.users, 2),
+                  "round-timeout": 3600, **parse_overrides(args.run_config)}
     console.print(f"{args.users} clients, {args.rounds} rounds, base {args.base!r}, work folder {args.workdir}")
     try:
         result = run_simulation(args.users, run_config, args.workdir, timeout=args.timeout)
