@@ -22,7 +22,7 @@ from rich.console import Console
 from shared.base_model import materialize_base
 from shared.methods import METHODS
 from simulations.personalization_report import MethodRun, write_personalization_report
-from simulations.run import PROJECT_ROOT, SimulationError, _exit_on_sigterm, run_simulation
+from simulations.run import PROJECT_ROOT, SimulationError, exit_on_sigterm, run_simulation
 
 console = Console()
 EXPERIMENTS = PROJECT_ROOT / "simulations" / "experiments"
@@ -65,7 +65,7 @@ def run_method(name: str, experiment: Experiment, base: str, out: Path, users: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    _exit_on_sigterm()
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", type=Path, default=EXPERIMENTS / "personalization.toml")
     parser.add_argument("--base", default="smollm2", help="the base every method shares")

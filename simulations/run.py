@@ -210,7 +210,7 @@ def parse_overrides(text: str) -> dict[str, object]:
     return overrides
 
 
-def _exit_on_sigterm() -> None:
+def exit_on_sigterm() -> None:
     """Turn SIGTERM into an exception so `finally` blocks stop the SuperLink and its Ray workers."""
     def handler(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
@@ -218,7 +218,7 @@ def _exit_on_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _exit_on_sigterm()
+    exit_on_sigterm()
     args = parse_args(argv)
     console.rule("[bold]fedgraft: simulated Shakespeare federation")
     with console.status("Preparing the base model (a GGUF is converted once, then cached)..."):
