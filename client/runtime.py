@@ -25,7 +25,7 @@ from shared.adapters import adapter_state, attach_adapter, lora_config
 from shared.base_model import BaseModelError, load_model, load_tokenizer, weights_hash
 from shared.config import ConfigError, FederationConfig
 from shared.methods import PERSONAL, SHARED
-from shared.data import UserData, load_jsonl_user, select_users, shakespeare_users
+from shared.data import UserData, load_hf_user, load_jsonl_user, select_users, shakespeare_users
 from shared.training import TokenBlocks, tokenize_blocks
 
 
@@ -111,6 +111,12 @@ def user_for_node(node_config: Mapping[str, Any], config: FederationConfig) -> U
         return load_jsonl_user(str(node_config["data-path"]), user_id=node_config.get("user-id") or None,
                                domain=node_config.get("domain") or None, split=config.split,
                                test_fraction=config.test_fraction, seed=config.seed)
+    if "hf-dataset" in node_config:  # Flower Datasets: a hub dataset cut by a natural id (needs a hub)
+        return load_hf_user(str(node_config["hf-dataset"]), int(node_config.get("partition-id", 0)),
+                            partition_by=str(node_config.get("hf-partition-by", "user")),
+                            text_field=str(node_config.get("hf-text-field", "text")),
+                            domain_field=node_config.get("hf-domain-field") or None, split=config.split,
+                            test_fraction=config.test_fraction, seed=config.seed)
     if "user" in node_config:
         wanted = str(node_config["user"])
         users = shakespeare_users(min_speeches=2, split=config.split, test_fraction=config.test_fraction, seed=config.seed)
