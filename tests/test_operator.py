@@ -151,20 +151,22 @@ def test_clients_of_a_round_show_each_result_and_errors_verbatim(filled: Filled)
     assert "round 2" in result.stdout
     lady = _cells(_line_with(result.stdout, "LADY MACBETH"))
     assert lady[:6] == ["100", USERS[0], "tragedy", "train", "ok", "10"]
-    assert f"train-loss={train_metrics(2, 0)['train-loss']:.4f}" in lady[6]
-    assert lady[7:10] == ["4.00 KiB", "4.00 KiB", "1.50 s"]
+    metrics = train_metrics(2, 0)
+    assert lady[6:8] == [f"{metrics['train-loss']:.4f}", f"{metrics['eval-loss']:.4f}"]
+    assert lady[8:10] == ["4.00 KiB", "1.50 s"]
     failed = _cells(_line_with(result.stdout, "102"))
     assert failed[4] == "failed" and failed[-1] == "code 2: [red]gone[/red]"  # rich markup shown, not applied
 
 
 def test_clients_default_to_the_last_round_and_filter_by_phase(filled: Filled) -> None:
-    result = ops("clients", filled.flower_run_id, "--phase", "evaluate", db=filled.url)
+    result = ops("clients", filled.flower_run_id, "--phase", "evaluate", "--metrics", "eval-loss,base-loss,x",
+                 db=filled.url)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "round 3" in result.stdout
     rows = [line for line in result.stdout.splitlines() if "evaluate" in line]
     assert len(rows) == 3 and not any(" train " in line for line in result.stdout.splitlines())
     assert "[bold]ARIEL[/bold]" in result.stdout
-    assert "eval-loss=1.1000" in _line_with(result.stdout, "ARIEL")
+    assert _cells(_line_with(result.stdout, "ARIEL"))[6:9] == ["1.1000", "4.5000", "-"]  # "x": no such metric
 
 
 def test_events_are_listed(filled: Filled) -> None:

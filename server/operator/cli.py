@@ -8,6 +8,7 @@ end the command with exit status 1 and one line on stderr saying what is wrong.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,18 +75,32 @@ def reading(db: str | None) -> Iterator[Ledger]:
 
 
 def stdout() -> Console:
+    """Standard output; written to a file or pipe, as wide as $COLUMNS, or WIDE without it."""
     console = Console(highlight=False)
-    return console if console.is_terminal else Console(highlight=False, width=WIDE)
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(highlight=False, width=WIDE)
 
 
-def table(title: str, *columns: str, numeric: tuple[str, ...] = ()) -> Table:
-    """A table whose ``numeric`` columns are right-aligned and never wrapped."""
+def show(*renderables: Table) -> None:
+    """Print tables whole: one wider than the terminal overflows it rather than losing columns."""
+    console = stdout()
+    for renderable in renderables:
+        needed = console.measure(renderable).minimum
+        console.print(renderable, width=max(console.width, needed), crop=False)
+
+
+def table(title: str, *columns: str, numeric: tuple[str, ...] = (), min_widths: dict[str, int] | None = None) -> Table:
+    """A table whose ``numeric`` columns are right-aligned and never wrapped; text wraps, never cut.
+
+    ``min_widths`` keeps some text columns readable when the terminal is narrow.
+    """
     result = Table(title=title, title_justify="left")
     for column in columns:
         if column in numeric:
             result.add_column(column, justify="right", no_wrap=True)
         else:
-            result.add_column(column)
+            result.add_column(column, overflow="fold", min_width=(min_widths or {}).get(column))
     return result
 
 
@@ -111,7 +126,7 @@ def runs(db: Db = None) -> None:
         run = item.run
         out.add_row(*row(run.id, run.flower_run_id, run.method, run.base_model, run.status,
                          fmt.timestamp(run.started_at), fmt.duration(item.duration), item.rounds))  # fmt: skip
-    stdout().print(out)
+    show(out)
 
 
 @app.command("run")
@@ -121,9 +136,7 @@ def show_run(run: RunRef, db: Db = None) -> None:
         record = resolve_run(ledger, run)
         summary = run_summary(record, ledger.rounds(record.id), checkpoints(ledger, record.id),
                               num_events=len(ledger.events(record.id)))  # fmt: skip
-    console = stdout()
-    console.print(_key_values(f"Run {record.id}", summary))
-    console.print(_key_values("Config", dict(sorted(record.config.items()))))
+    show(_key_values(f"Run {record.id}", summary), _key_values("Config", dict(sorted(record.config.items()))))
 
 
 def run_summary(
@@ -162,7 +175,7 @@ def _checkpoint_label(checkpoint: CheckpointInfo) -> str:
 def _key_values(title: str, values: dict[str, object]) -> Table:
     out = Table(title=title, title_justify="left", show_header=False)
     out.add_column("key", style="bold")
-    out.add_column("value")
+    out.add_column("value", overflow="fold")
     for key, value in values.items():
         out.add_row(*row(key, value))
     return out
@@ -184,7 +197,7 @@ def rounds(run: RunRef, db: Db = None) -> None:
                          fmt.seconds(round_seconds(r))))  # fmt: skip
     if not records:
         out.caption = "no rounds recorded yet"
-    stdout().print(out)
+    show(out)
 
 
 @app.command()
@@ -192,23 +205,28 @@ def clients(
     run: RunRef,
     round_number: RoundOption = None,
     phase: Annotated[str | None, typer.Option(help="Only this phase: train or evaluate.")] = None,
+    metrics: Annotated[
+        str, typer.Option(help="Metric columns, comma-separated (any metric name; see `export` for all).")
+    ] = "train-loss,eval-loss",
     db: Db = None,
 ) -> None:
     """Per-client results of one round: node, user, domain, phase, status, metrics, bytes, error."""
+    names = [name.strip() for name in metrics.split(",") if name.strip()]
     with reading(db) as ledger:
         record = resolve_run(ledger, run)
         number = round_number if round_number is not None else _last_round(ledger, record.id)
         results = [r for r in ledger.client_results(record.id, number) if phase in (None, r.phase)]
-    columns = ("node", "user", "domain", "phase", "status", "examples", "key metrics", "bytes up", "bytes down",
-               "seconds", "error")  # fmt: skip
-    out = table(f"Client results of run {record.id}, round {number}", *columns,
-                numeric=("node", "examples", "bytes up", "bytes down", "seconds"))  # fmt: skip
+    numeric = ("node", "examples", *names, "bytes up", "seconds")
+    columns = ("node", "user", "domain", "phase", "status", *numeric[1:], "error")
+    out = table(f"Client results of run {record.id}, round {number}", *columns, numeric=numeric,
+                min_widths={"user": 16, "domain": 9, "phase": 5, "status": 6})  # fmt: skip
     for r in results:
-        out.add_row(*row(r.node_id, r.user_id, r.domain, r.phase, r.status, r.num_examples, fmt.key_metrics(r.metrics),
-                         fmt.size(r.bytes_up), fmt.size(r.bytes_down), fmt.seconds(r.seconds), r.error))  # fmt: skip
+        values = [fmt.number(r.metrics.get(name)) for name in names]
+        out.add_row(*row(r.node_id, r.user_id, r.domain, r.phase, r.status, r.num_examples, *values,
+                         fmt.size(r.bytes_up), fmt.seconds(r.seconds), r.error))  # fmt: skip
     if not results:
         out.caption = f"no client results in round {number}"
-    stdout().print(out)
+    show(out)
 
 
 def _last_round(ledger: Ledger, run_id: int) -> int:
@@ -229,7 +247,7 @@ def events(run: RunRef, db: Db = None) -> None:
         out.add_row(*row(fmt.timestamp(e.created_at), e.round_number, e.kind, e.node_id, e.message))
     if not records:
         out.caption = "no events"
-    stdout().print(out)
+    show(out)
 
 
 @app.command()

@@ -226,7 +226,7 @@ def _templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=str(TEMPLATES))
     templates.env.filters.update(
         number=fmt.number, size=fmt.size, seconds=fmt.seconds, duration=fmt.duration,
-        timestamp=fmt.timestamp, key_metrics=fmt.key_metrics, short_hash=fmt.short_hash,
+        timestamp=fmt.timestamp, short_hash=fmt.short_hash,
     )  # fmt: skip
-    templates.env.globals["round_seconds"] = round_seconds
+    templates.env.globals |= {"round_seconds": round_seconds, "client_metrics": fmt.CLIENT_METRICS}
     return templates

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-# Metrics worth a column, in this order, where a result has them; exports carry all of them.
-KEY_METRICS = (
-    "train-loss",
-    "eval-loss-before",
-    "eval-loss",
-    "base-loss",
-    "eval-perplexity",
-    "base-perplexity",
-    "eval-accuracy",
-)
+# Client metrics worth a column: training loss, held-out loss of the received adapter, held-out loss
+# after local training (train) or of the aggregate (evaluate), and of the base alone (evaluate).
+# Exports carry every metric.
+CLIENT_METRICS = ("train-loss", "eval-loss-before", "eval-loss", "base-loss")
 MISSING = "-"
 
 
@@ -75,11 +68,6 @@ def timestamp(value: datetime | None) -> str:
     if value is None:
         return MISSING
     return value.strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def key_metrics(metrics: Mapping[str, Any]) -> str:
-    """The key metrics a result has, as ``name=value`` pairs."""
-    return " ".join(f"{name}={number(metrics[name])}" for name in KEY_METRICS if name in metrics) or MISSING
 
 
 def short_hash(value: str, length: int = 12) -> str:
