@@ -14,6 +14,7 @@ from html import escape
 from markupsafe import Markup
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b")
+DASHES = ("", "7 4", "2 3")  # lines that coincide stay distinguishable, and not by colour alone
 MAX_MARKED_POINTS = 60  # above this, points get no marker or tooltip: the line says enough
 LEGEND_CHAR_WIDTH = 6.5  # about, at the legend's 11 px: only spacing depends on it
 
@@ -75,7 +76,7 @@ def line_chart(
     frame = Frame(width, height, x_range=(x_ticks[0], x_ticks[-1]), y_range=(y_ticks[0], y_ticks[-1]))
     parts += _axes(frame, x_ticks, y_ticks, y_format or tick_formatter(y_ticks), x_label)
     for index, one in enumerate(series):
-        parts += _series(frame, one, _colour(index), y_format)
+        parts += _series(frame, one, index, y_format)
     parts += _legend(series)
     return Markup("".join(parts) + "</svg>")
 
@@ -129,11 +130,13 @@ def _axes(
     return parts
 
 
-def _series(frame: Frame, series: Series, colour: str, y_format: Callable[[float], str] | None) -> list[str]:
+def _series(frame: Frame, series: Series, index: int, y_format: Callable[[float], str] | None) -> list[str]:
+    colour, dash = _colour(index), DASHES[index % len(DASHES)]
+    style = f'fill="none" stroke="{colour}"' + (f' stroke-dasharray="{dash}"' if dash else "")
     parts = []
     for run in _unbroken_runs(series.points):
         coordinates = " ".join(f"{frame.x(x):.1f},{frame.y(y):.1f}" for x, y in run)
-        parts.append(f'<polyline class="line" fill="none" stroke="{colour}" points="{coordinates}"/>')
+        parts.append(f'<polyline class="line" {style} points="{coordinates}"/>')
     present = [(x, y) for x, y in series.points if y is not None and math.isfinite(y)]
     if len(present) <= MAX_MARKED_POINTS:
         label = y_format or (lambda value: f"{value:.4g}")

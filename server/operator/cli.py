@@ -50,6 +50,7 @@ Db = Annotated[str | None, typer.Option("--db", help=DB_HELP, show_default=False
 RunRef = Annotated[str, typer.Argument(metavar="RUN", help="Ledger run id, or Flower run id.", show_default=False)]
 RoundOption = Annotated[int | None, typer.Option("--round", "-r", help="Round number. Default: the last one.")]
 WIDE = 220  # columns when writing to a file or pipe: whole rows, never ellipses
+UNLIMITED = 10_000  # measuring width: the true minimum of a table, not capped at the terminal's
 
 
 # --- plumbing -----------------------------------------------------------------------------------
@@ -86,8 +87,9 @@ def show(*renderables: Table) -> None:
     """Print tables whole: one wider than the terminal overflows it rather than losing columns."""
     console = stdout()
     for renderable in renderables:
-        needed = console.measure(renderable).minimum
-        console.print(renderable, width=max(console.width, needed), crop=False)
+        needed = console.measure(renderable, options=console.options.update_width(UNLIMITED)).minimum
+        wide_enough = console if needed <= console.width else Console(highlight=False, width=needed)
+        wide_enough.print(renderable)
 
 
 def table(title: str, *columns: str, numeric: tuple[str, ...] = (), min_widths: dict[str, int] | None = None) -> Table:
