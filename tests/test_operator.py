@@ -169,6 +169,17 @@ def test_clients_default_to_the_last_round_and_filter_by_phase(filled: Filled) -
     assert _cells(_line_with(result.stdout, "ARIEL"))[6:9] == ["1.1000", "4.5000", "-"]  # "x": no such metric
 
 
+def test_a_narrow_terminal_loses_no_column(filled: Filled) -> None:
+    arguments = ["clients", str(filled.run_id), "--round", "2", "--db", filled.url,
+                 "--metrics", "train-loss,eval-loss-before,eval-loss,base-loss"]  # fmt: skip
+    result = CliRunner().invoke(app, arguments, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    failed = _cells(_line_with(result.stdout, " 102 "))
+    assert len(failed) == 13 and failed[4] == "failed" and failed[-1].startswith("code 2:")
+    lady = _cells(_line_with(result.stdout, "LADY"))
+    assert lady[6] == f"{train_metrics(2, 0)['train-loss']:.4f}" and lady[-2] == "1.50 s"
+
+
 def test_events_are_listed(filled: Filled) -> None:
     result = ops("events", str(filled.run_id), db=filled.url)
     assert result.exit_code == 0, result.output

@@ -89,7 +89,7 @@ def show(*renderables: Table) -> None:
     for renderable in renderables:
         needed = console.measure(renderable, options=console.options.update_width(UNLIMITED)).minimum
         wide_enough = console if needed <= console.width else Console(highlight=False, width=needed)
-        wide_enough.print(renderable)
+        wide_enough.print(renderable, crop=False)  # min_width columns can outgrow the measure by a few
 
 
 def table(title: str, *columns: str, numeric: tuple[str, ...] = (), min_widths: dict[str, int] | None = None) -> Table:
