@@ -44,6 +44,7 @@ class DeviceProcess:
     process: subprocess.Popen | None = None
     starts: int = 0
     extra_args: list[str] = field(default_factory=list)
+    via_proxy: bool = False  # reach the SuperLink through the fleet proxy instead of directly
 
     @property
     def log(self) -> Path:
@@ -62,6 +63,8 @@ class LoopbackFederation:
         self.root.mkdir(parents=True, exist_ok=True)
         self.settings = operator.prepare(self.root / "operator", port=port or free_port())
         self.superlink: subprocess.Popen | None = None
+        self.proxy: subprocess.Popen | None = None
+        self.proxy_address: str | None = None
         self.devices: dict[str, DeviceProcess] = {}
 
     def __enter__(self) -> "LoopbackFederation":
@@ -84,13 +87,24 @@ class LoopbackFederation:
         wait_for_port("127.0.0.1", self.settings.port, timeout, self.superlink, "flower-superlink", self.settings.log_file)
         return self.superlink
 
+    def start_fleet_proxy(self, timeout: float = 60) -> str:
+        """``python -m deploy.fleet_proxy`` on a free loopback port; returns its HOST:PORT."""
+        port = free_port()
+        log = self.settings.root / "fleet-proxy.log"
+        self.proxy = self._spawn(["deploy.fleet_proxy", "--dir", str(self.settings.root), "--host", "127.0.0.1",
+                                  "--port", str(port)], log)
+        wait_for_port("127.0.0.1", port, timeout, self.proxy, "the fleet proxy", log)
+        self.proxy_address = f"127.0.0.1:{port}"
+        return self.proxy_address
+
     def new_device(self, name: str, base: str | Path, user: str | None = None, data: Path | None = None,
-                   register: bool = True, extra_args: list[str] | None = None) -> DeviceProcess:
+                   register: bool = True, extra_args: list[str] | None = None, via_proxy: bool = False) -> DeviceProcess:
         """Make a device's key pair and state folder, and register its key unless ``register`` is False."""
         state_dir = self.root / "devices" / name
         state_dir.mkdir(parents=True, exist_ok=True)
         key, public = keygen(self.root / "keys" / name, force=True)
-        device = DeviceProcess(name, state_dir, key, str(base), user, data, extra_args=list(extra_args or []))
+        device = DeviceProcess(name, state_dir, key, str(base), user, data, extra_args=list(extra_args or []),
+                               via_proxy=via_proxy)
         if register:
             device.node_id = operator.register_node(self.settings, public, name)
         self.devices[name] = device
@@ -98,7 +112,10 @@ class LoopbackFederation:
 
     def start_device(self, device: DeviceProcess) -> subprocess.Popen:
         """``python -m deploy.device start`` (it execs flower-supernode: same PID, own process group)."""
-        args = ["deploy.device", "start", "--superlink", self.settings.address, "--ca", str(self.settings.tls.ca_cert),
+        if device.via_proxy and self.proxy_address is None:
+            raise DeployError("start_fleet_proxy() first")
+        address = self.proxy_address if device.via_proxy else self.settings.address
+        args = ["deploy.device", "start", "--superlink", address, "--ca", str(self.settings.tls.ca_cert),
                 "--key", str(device.key), "--base", device.base, "--state-dir", str(device.state_dir),
                 *device.extra_args]
         args += ["--user", device.user] if device.user is not None else ["--data", str(device.data)]
@@ -109,8 +126,8 @@ class LoopbackFederation:
         return device.process
 
     def add_device(self, name: str, base: str | Path, user: str | None = None, data: Path | None = None,
-                   register: bool = True) -> DeviceProcess:
-        device = self.new_device(name, base, user, data, register)
+                   register: bool = True, via_proxy: bool = False) -> DeviceProcess:
+        device = self.new_device(name, base, user, data, register, via_proxy=via_proxy)
         self.start_device(device)
         return device
 
@@ -129,6 +146,8 @@ class LoopbackFederation:
         for device in self.devices.values():
             if device.process is not None:
                 stop_process(device.process, timeout=10)
+        if self.proxy is not None:
+            stop_process(self.proxy, timeout=10)
         if self.superlink is not None:
             stop_process(self.superlink, timeout=15)
 

@@ -6,18 +6,21 @@ device's SuperNode is SIGKILLed (its whole process group) while its ClientApp tr
 completes with the other two replies after Flower's heartbeat timeout (45-60 s), the failure is
 recorded against the killed node's id, and the device is restarted so the final evaluation (which
 needs min-train-nodes=3) finds it again, under the same node id. Meanwhile a SuperNode with an
-unregistered key tries to join and is refused.
+unregistered key tries to join and is refused. One device reaches the SuperLink only through
+deploy.fleet_proxy, which exposes the Fleet API and nothing else.
 """
 
 from __future__ import annotations
 
 import shutil
+import ssl
 import stat
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 
@@ -33,6 +36,7 @@ pytestmark = pytest.mark.deployment
 # Three characters with >= 60 speeches, from three genres; one with a space in the name.
 USERS = {"dev0": "hamlet/KING CLAUDIUS", "dev1": "as-you-like-it/CELIA", "dev2": "coriolanus/BRUTUS"}
 VICTIM = "dev2"
+VIA_PROXY = "dev1"  # reaches the SuperLink through deploy.fleet_proxy (only /v1/fleet/ exposed)
 ROUNDS = 3  # 1-2: all devices; 3: VICTIM is killed mid-round
 ROUND_TIMEOUT = 150  # > Flower's 45-60 s detection of a dead node
 RUN_TIMEOUT = 360
@@ -133,10 +137,11 @@ def deployment(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     try:
         t0 = time.monotonic()
         federation.start_superlink()
+        federation.start_fleet_proxy()
         for name, user in USERS.items():
             # each device has its own copy of the base (the server names it by its own path)
             base = shutil.copytree(tiny_base, root / "bases" / name)
-            federation.add_device(name, base, user=user)
+            federation.add_device(name, base, user=user, via_proxy=name == VIA_PROXY)
         federation.wait_online(len(USERS), timeout=90)
         timings = {"setup": time.monotonic() - t0}
         ledger_url = f"sqlite:///{root / 'ledger.db'}"
@@ -182,6 +187,21 @@ def test_unregistered_supernode_is_refused(deployment: Observed):
     # flower-supernode logs Flower's exit code 305 but exits with status 1
     assert "Exit Code: 305" in deployment.intruder_log and "Failed to activate SuperNode" in deployment.intruder_log
     assert {n["node-id"] for n in deployment.nodes_after_intruder} == set(_node_ids(deployment).values())
+
+
+def test_fleet_proxy_serves_devices_but_not_the_control_api(deployment: Observed):
+    federation = deployment.federation
+    context = ssl.create_default_context(cafile=str(federation.settings.tls.ca_cert))
+    with httpx.Client(verify=context, timeout=30) as client:
+        for path in ("/v1/control/list-nodes", "/v1/control/start-run", "/v1/runtime/pull-messages", "/docs"):
+            reply = client.post(f"https://{federation.proxy_address}{path}", content=b"")
+            assert reply.status_code == 404 and "only the Fleet API" in reply.text, (path, reply.status_code)
+        # the SuperLink itself serves the Control API on its port without any credentials
+        direct = client.post(f"https://{federation.settings.address}/v1/control/list-nodes", content=b"",
+                             headers={"Content-Type": "application/protobuf"})
+        assert direct.status_code == 200
+    # and the device behind the proxy took part in every round (checked below with the others)
+    assert federation.devices[VIA_PROXY].via_proxy
 
 
 def test_rounds_with_every_device_are_in_the_ledger(deployment: Observed):
