@@ -27,7 +27,7 @@ test: setup
 	$(PY) -m pytest -ra $(ARGS)
 
 test-quick: setup
-	$(PY) -m pytest -ra -m "not simulation and not integration and not postgres" $(ARGS)
+	$(PY) -m pytest -ra -m "not simulation and not integration and not postgres and not deployment and not browser" $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
