@@ -222,6 +222,7 @@ class FederatedAdapters(FedAvg):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         server_round += self.round_offset
         if server_round not in self.evaluate_rounds:
+            self._sent["evaluate"] = []  # or the previous evaluation's nodes would count as missing
             return []
         wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes), self.node_wait_seconds)
         messages = self._messages(super().configure_evaluate(server_round, arrays, config, grid), config,

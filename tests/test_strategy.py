@@ -190,3 +190,16 @@ def test_waiting_for_nodes_has_a_deadline():
     with pytest.raises(NodeWaitTimeout, match="only 1 of the 3 required nodes"):
         wait_for_nodes(FakeGrid([1]), 3, deadline_seconds=0.3, poll_seconds=0.1)
     assert wait_for_nodes(FakeGrid([1, 2, 3]), 3, deadline_seconds=0.1) == [1, 2, 3]
+
+
+def test_rounds_without_evaluation_record_no_phantom_evaluation_failures(ledger):
+    strategy, run_id = strategy_for(ledger, nodes=(11, 12))
+    strategy.evaluate_rounds = {1}
+    one_round(strategy, [11, 12], {11: (1.0, 1, "a"), 12: (1.0, 1, "a")}, server_round=1)
+    sent = list(strategy.configure_evaluate(1, arrays(0.0), ConfigRecord(), FakeGrid([11, 12])))
+    strategy.aggregate_evaluate(1, [reply_to(m, RecordDict({"metrics": MetricRecord({"num-examples": 1})})) for m in sent])
+    one_round(strategy, [11, 12], {11: (1.0, 1, "a"), 12: (1.0, 1, "a")}, server_round=2)
+    assert list(strategy.configure_evaluate(2, arrays(0.0), ConfigRecord(), FakeGrid([11, 12]))) == []
+    strategy.aggregate_evaluate(2, [])
+    assert all(r.status == "ok" for r in ledger.client_results(run_id))
+    assert [e.kind for e in ledger.events(run_id)] == []
