@@ -28,6 +28,8 @@ from shared.methods import GLOBAL_GROUP, Method, group_of
 
 TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-steps", "eval-loss-before", "eval-loss",
                            "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds", "peak-rss-mb"})
+EVALUATE_METRICS = frozenset({"num-examples", "base-loss", "base-perplexity", "base-accuracy", "eval-loss",
+                              "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds"})
 OPTIMIZER_PREFIX = "optimizer:"
 MAX_EXAMPLES = 10**9  # a client claiming more is lying about its weight in the average
 
@@ -282,8 +284,8 @@ class FederatedAdapters(FedAvg):
         if len(content.metric_records) != 1 or "metrics" not in content.metric_records:
             raise AdapterUpdateError("reply must carry exactly one MetricRecord named 'metrics'")
         metrics = content.metric_records["metrics"]
+        check_metrics(metrics, TRAIN_METRICS if phase == "train" else EVALUATE_METRICS)
         if phase == "train":
-            check_metrics(metrics, TRAIN_METRICS)
             if len(content.array_records) != 1 or self.arrayrecord_key not in content.array_records:
                 raise AdapterUpdateError(f"reply must carry exactly one ArrayRecord named {self.arrayrecord_key!r}")
             check_update(content.array_records[self.arrayrecord_key], self.expected_shapes, self.max_update_bytes)

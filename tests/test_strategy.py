@@ -197,7 +197,9 @@ def test_rounds_without_evaluation_record_no_phantom_evaluation_failures(ledger)
     strategy.evaluate_rounds = {1}
     one_round(strategy, [11, 12], {11: (1.0, 1, "a"), 12: (1.0, 1, "a")}, server_round=1)
     sent = list(strategy.configure_evaluate(1, arrays(0.0), ConfigRecord(), FakeGrid([11, 12])))
-    strategy.aggregate_evaluate(1, [reply_to(m, RecordDict({"metrics": MetricRecord({"num-examples": 1})})) for m in sent])
+    scores = MetricRecord({key: 1.0 for key in ("num-examples", "base-loss", "base-perplexity", "base-accuracy",
+                                                "eval-loss", "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds")})
+    strategy.aggregate_evaluate(1, [reply_to(m, RecordDict({"metrics": scores})) for m in sent])
     one_round(strategy, [11, 12], {11: (1.0, 1, "a"), 12: (1.0, 1, "a")}, server_round=2)
     assert list(strategy.configure_evaluate(2, arrays(0.0), ConfigRecord(), FakeGrid([11, 12]))) == []
     strategy.aggregate_evaluate(2, [])
