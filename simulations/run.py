@@ -27,7 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from shared.base_model import materialize_base
+from shared.base_model import compressed_recipe, materialize_base
 from simulations.report import per_user_table, write_report
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=6, help="simulated clients, one Shakespeare character each")
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds")
-    parser.add_argument("--base", default="smollm2", help="base model: smollm2, a .gguf file, an HF folder or hub id")
+    parser.add_argument("--base", default="compressed",
+                        help="base model: compressed[:recipe.toml] (default: built from the SmolLM2 teacher by the "
+                             "shipped recipe), smollm2, a .gguf file, an HF folder or hub id")
     parser.add_argument("--workdir", type=Path, default=PROJECT_ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--run-config", default="", help="extra 'key=value ...' run-config overrides")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the simulation is stopped")
@@ -217,6 +219,23 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def prepare_base(spec: str) -> tuple[str, list[str]]:
+    """(folder the clients load, plays kept out of the federation) for a base spec.
+
+    A compressed base is healed on public plays; the federation must not contain them.
+    """
+    recipe = compressed_recipe(spec)
+    if recipe is None:
+        with console.status("Preparing the base model (a GGUF is converted once, then cached)..."):
+            return str(materialize_base(spec)), []
+    from shared.compression.pipeline import build_compressed_base
+    from shared.compression.recipe import load_recipe
+
+    loaded = load_recipe(recipe or None)
+    console.print(f"Compressed base: recipe {loaded.name!r} (built once, then cached)")
+    return str(build_compressed_base(loaded)), list(loaded.public_plays)
+
+
 def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     args = parse_args(argv)
@@ -226,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     # Simulated clients share one actor and run one after another: a round lasts the sum of them.
     run_config = {"base-model": args.base, "num-server-rounds": args.rounds, "min-train-nodes": min(args.users, 2),
                   "round-timeout": 3600, **parse_overrides(args.run_config)}
-    console.print(f"{args.users} clients, {args.rounds} rounds, base {args.base!r}, work folder {args.workdir}")
+    console.print(f"{args.users} clients, {args.rounds} rounds, base {args.base!r} ({base}), work folder {args.workdir}")
     try:
         result = run_simulation(args.users, run_config, args.workdir, timeout=args.timeout)
     except SimulationError as error:
