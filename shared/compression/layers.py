@@ -107,7 +107,6 @@ def layer_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[
     """
     layers = decoder_layers(model)
     totals = [0.0] * len(layers)
-    tokens = 0
 
     def recorder(index: int):
         def hook(module, args, kwargs, output):
@@ -119,6 +118,15 @@ def layer_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[
         return hook
 
     handles = [layer.register_forward_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    tokens = _run_hooked(model, handles, batches)
+    if tokens == 0:
+        raise ValueError("layer_importance needs at least one batch of tokens")
+    return [total / tokens for total in totals]
+
+
+def _run_hooked(model: nn.Module, handles: list, batches: Iterable[torch.Tensor]) -> int:
+    """Run the batches with the hooks attached (removed afterwards, even on error); tokens seen."""
+    tokens = 0
     try:
         for input_ids in batches:
             model(input_ids=input_ids, use_cache=False)
@@ -126,9 +134,7 @@ def layer_importance(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[
     finally:
         for handle in handles:
             handle.remove()
-    if tokens == 0:
-        raise ValueError("layer_importance needs at least one batch of tokens")
-    return [total / tokens for total in totals]
+    return tokens
 
 
 def drop_layers(model: nn.Module, keep_indices: Sequence[int]) -> nn.Module:
@@ -202,7 +208,6 @@ def _mean_input_magnitudes(model: nn.Module, batches: Iterable[torch.Tensor], na
     """Per block, the mean |x_j| over every token of each input channel j of the named projection."""
     layers = decoder_layers(model)
     sums: list[torch.Tensor | float] = [0.0] * len(layers)
-    tokens = 0
 
     def recorder(index: int):
         def hook(module, args):
@@ -211,13 +216,7 @@ def _mean_input_magnitudes(model: nn.Module, batches: Iterable[torch.Tensor], na
         return hook
 
     handles = [block_linear(layer, name).register_forward_pre_hook(recorder(i)) for i, layer in enumerate(layers)]
-    try:
-        for input_ids in batches:
-            model(input_ids=input_ids, use_cache=False)
-            tokens += input_ids.numel()
-    finally:
-        for handle in handles:
-            handle.remove()
+    tokens = _run_hooked(model, handles, batches)
     if tokens == 0:
         raise ValueError("Activation scores need at least one batch of tokens")
     return [total / tokens for total in sums]
