@@ -1,0 +1,327 @@
+"""What each compression technique buys on the SmolLM2-135M teacher, alone and in the default recipe.
+
+One table, every number measured in this run (the teacher's perplexity may come from the build's
+disk cache of the same measurement): the teacher; each technique alone, applied by the pipeline to the
+teacher *without healing* (trim; layer drop; head prune; MLP prune; magnitude 50%; low rank; sharing;
+bf16); and the default recipe (built, or found in the cache, by ``build_compressed_base``).
+
+Columns: unique parameters of the saved folder as plain ``from_pretrained`` loads it (and in memory,
+where sharing or low rank save there only); bytes of the weight files; peak RSS of a fresh process
+doing 3 client LoRA steps (peft LoRA r8 on q_proj,v_proj, fp32 adapter on the base cast to bfloat16
+as the federation's default ``base-dtype`` does, batch 4 x 128 tokens), and of the same process doing
+*full* fine-tuning of the teacher in fp32 with AdamW (the baseline of the 1/8 target), both also
+minus the peak of a process that only imports the same modules; the mean time of the steps after the
+first; and the perplexity on held-out client text per teacher token (see shared/compression/report.py).
+
+    python benchmarks/compression.py            # writes benchmarks/results/compression.md and .json
+    python benchmarks/compression.py --quick    # 60 client speeches instead of 200 (other cache keys)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import peft  # noqa: F401 - imported here so the baseline process pays for the same imports
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shared.adapters import attach_adapter, lora_config  # noqa: E402
+from shared.compression.measure import peak_rss_subprocess  # noqa: E402
+from shared.compression.pipeline import build_compressed_base  # noqa: E402
+from shared.compression.recipe import Recipe, load_recipe  # noqa: E402
+from shared.compression.report import load_report  # noqa: E402
+from shared.config import FederationConfig  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "compression.md"
+BATCH, SEQ_LEN, STEPS = 4, 128, 3
+
+# Each technique alone, as recipe overrides of an empty recipe that keeps the default's public plays
+# and evaluation. No healing: the rows show what a technique costs by itself.
+ALONE: list[tuple[str, str, dict[str, Any]]] = [
+    ("trim", "vocabulary trimmed to the public plays' tokens", {"vocab.trim": True}),
+    ("layer drop", "7 of 30 blocks kept (ends), linear bridge", {"layers.keep": 7, "layers.how": "ends",
+                                                               "layers.bridge": True}),
+    ("head prune", "3 -> 2 KV groups per block (activation scores)", {"heads.keep_kv_heads": 2}),
+    ("MLP prune", "75% of MLP neurons kept (activation scores)", {"mlp.keep_ratio": 0.75}),
+    ("magnitude 50%", "50% of the projection weights zeroed (global L1)", {"magnitude.sparsity": 0.5}),
+    ("low rank", "MLP projections at rank 256 (truncated SVD)", {"lowrank.rank": 256}),
+    ("sharing", "blocks 8-21 share weights in pairs", {"sharing.groups": [[i, i + 1] for i in range(8, 22, 2)]}),
+    ("bf16", "weights saved in bfloat16", {"output.dtype": "bfloat16"}),
+]
+
+
+def _machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "nproc": os.cpu_count(),
+        "ram_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+# --- measured in fresh processes ---------------------------------------------------------------------
+
+
+def imports_only() -> dict[str, float]:
+    """The baseline: a process that imported this module (torch, transformers, peft) and did nothing."""
+    return {}
+
+
+def training_steps(folder: str, full: bool) -> dict[str, float]:
+    """3 steps on one fixed batch: LoRA on a bf16 base (full=False) or full fp32 fine-tuning (full=True)."""
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32 if full else torch.bfloat16)
+    if full:
+        model.train()
+        parameters = list(model.parameters())
+    else:
+        model.requires_grad_(False)
+        model = attach_adapter(model, lora_config(FederationConfig()))
+        model.train()
+        parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    vocab = model.config.vocab_size
+    batch = torch.randint(0, vocab, (BATCH, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(STEPS):
+        start = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return {"step_seconds": sum(times[1:]) / len(times[1:]), "trainable": sum(p.numel() for p in parameters)}
+
+
+def measure_training(folder: Path, full: bool = False) -> dict[str, float]:
+    result, peak = peak_rss_subprocess(training_steps, str(folder), full)
+    return {**result, "peak_rss": peak}
+
+
+# --- the table ---------------------------------------------------------------------------------------
+
+
+def variant_recipe(default: Recipe, name: str, overrides: dict[str, Any], speeches: int) -> Recipe:
+    empty = Recipe(name=f"bench-{name.replace(' ', '-').replace('%', '')}", teacher=default.teacher,
+                   public_plays=default.public_plays, eval=default.eval)
+    return empty.with_overrides({"eval.speeches": speeches, "calibration_blocks": default.calibration_blocks,
+                                 **overrides})
+
+
+def row(name: str, what: str, report: dict[str, Any], training: dict[str, float], baseline: int,
+        teacher: dict[str, Any]) -> dict[str, Any]:
+    student = report["student"]
+    ppl = report["eval"]["student"]["ppl_per_teacher_token"]
+    return {
+        "variant": name,
+        "what": what,
+        "parameters": student["parameters"],
+        "parameters_in_memory": student["parameters_in_memory"],
+        "storage_bytes": student["storage_bytes"],
+        "lora_peak_rss": training["peak_rss"],
+        "lora_peak_rss_own": training["peak_rss"] - baseline,
+        "lora_step_seconds": training["step_seconds"],
+        "ppl_per_teacher_token": ppl,
+        "ppl_per_own_token": report["eval"]["student"]["ppl_per_own_token"],
+        "ratio_parameters": teacher["parameters"] / student["parameters"],
+        "ratio_storage": teacher["storage_bytes"] / student["storage_bytes"],
+        "ratio_ppl": ppl / teacher["ppl"],
+        "build_seconds": report["build_seconds"],
+        "key": report["key"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="60 client speeches instead of 200")
+    parser.add_argument("--recipe", type=Path, default=None, help="the recipe of the last row (default: shipped)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    console = Console()
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+    default = load_recipe(args.recipe)
+    speeches = 60 if args.quick else default.eval.speeches
+    if args.quick:
+        default = default.with_overrides({"eval.speeches": speeches})
+
+    console.print("[bold]memory baseline and teacher full fine-tuning[/]")
+    _, baseline = peak_rss_subprocess(imports_only)
+    rows: list[dict[str, Any]] = []
+
+    # The teacher row: an empty recipe re-saves the teacher and measures it like every variant.
+    teacher_folder = build_compressed_base(variant_recipe(default, "teacher", {}, speeches), progress=True)
+    teacher_report = load_report(teacher_folder)
+    teacher = {"parameters": teacher_report["teacher"]["parameters"],
+               "storage_bytes": teacher_report["student"]["storage_bytes"],
+               "ppl": teacher_report["eval"]["teacher"]["ppl_per_teacher_token"]}
+    full = measure_training(teacher_folder, full=True)
+    rows.append(row("teacher", "SmolLM2-135M-Instruct, fp32 (as converted)", teacher_report,
+                    measure_training(teacher_folder), baseline, teacher))
+
+    for name, what, overrides in ALONE:
+        console.print(f"[bold]{name}[/]: {what}")
+        folder = build_compressed_base(variant_recipe(default, name, overrides, speeches), progress=True)
+        rows.append(row(name, what + " (no healing)", load_report(folder), measure_training(folder), baseline,
+                        teacher))
+
+    console.print(f"[bold]default recipe[/] ({default.source})")
+    folder = build_compressed_base(default, progress=True)
+    default_report = load_report(folder)
+    rows.append(row("default recipe", _describe(default_report), default_report, measure_training(folder),
+                    baseline, teacher))
+
+    result = {
+        "command": "python benchmarks/compression.py" + (" --quick" if args.quick else ""),
+        "machine": _machine(),
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "seconds": round(time.perf_counter() - started, 1),
+        "client_speeches": speeches,
+        "public_plays": list(default.public_plays),
+        "memory_baseline_rss": baseline,
+        "teacher_full_finetune": {**full, "peak_rss_own": full["peak_rss"] - baseline},
+        "default_recipe": {"key": default_report["key"], "build_seconds": default_report["build_seconds"],
+                           "heal": default_report.get("heal"), "recipe": default_report["recipe"]},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(render(result))
+    console.print(_table(result))
+    console.print(f"wrote {args.out} and {args.out.with_suffix('.json')} in {result['seconds']:.0f} s")
+    return 0
+
+
+def _describe(report: dict[str, Any]) -> str:
+    recipe = report["recipe"]
+    parts = []
+    if recipe["vocab"]["trim"]:
+        parts.append("trim")
+    if recipe["layers"]["keep"]:
+        parts.append(f"{recipe['layers']['keep']} blocks ({recipe['layers']['how']}"
+                     + (", bridge" if recipe["layers"]["bridge"] else "") + ")")
+    if recipe["heads"]["keep_kv_heads"]:
+        parts.append(f"{recipe['heads']['keep_kv_heads']} KV groups")
+    if recipe["mlp"]["keep_ratio"]:
+        parts.append(f"MLP {recipe['mlp']['keep_ratio']:.0%}")
+    heal = report.get("heal")
+    if heal:
+        parts.append(f"healed {heal['steps_done']} steps / {heal['seconds']:.0f} s"
+                     + (f" ({heal['kd_steps']} KD)" if heal["kd_steps"] else " (CE)"))
+    parts.append(recipe["output"]["dtype"])
+    return ", ".join(parts)
+
+
+def _cells(r: dict[str, Any], full: dict[str, Any]) -> list[str]:
+    memory = f"{r['parameters_in_memory'] / 1e6:.1f}M" if r["parameters_in_memory"] != r["parameters"] else ""
+    return [
+        r["variant"],
+        f"{r['parameters'] / 1e6:.1f}M" + (f" ({memory} in memory)" if memory else ""),
+        f"{r['ratio_parameters']:.2f}x",
+        f"{r['storage_bytes'] / 1e6:.0f} MB",
+        f"{r['ratio_storage']:.2f}x",
+        f"{r['lora_peak_rss'] / 2**20:.0f} MiB ({r['lora_peak_rss_own'] / 2**20:.0f})",
+        f"1/{full['peak_rss'] / r['lora_peak_rss']:.1f} (1/{full['peak_rss_own'] / max(r['lora_peak_rss_own'], 1):.1f})",
+        f"{r['lora_step_seconds']:.2f} s",
+        _ppl(r["ppl_per_teacher_token"]),
+        _ppl(r["ratio_ppl"]) + "x",
+    ]
+
+
+HEADERS = ["variant", "parameters (unique)", "fewer", "weights on disk", "smaller", "LoRA step peak RSS (own)",
+           "vs teacher full FT", "LoRA step", "ppl / teacher token", "ppl ratio"]
+
+
+def _ppl(value: float) -> str:
+    return f"{value:.3g}" if value >= 1000 else f"{value:.2f}"
+
+
+def _table(result: dict[str, Any]) -> Table:
+    table = Table(title="compression techniques on SmolLM2-135M (client text, no adapter)")
+    for header in HEADERS:
+        table.add_column(header, justify="left" if header == "variant" else "right")
+    for r in result["rows"]:
+        table.add_row(*_cells(r, result["teacher_full_finetune"]))
+    return table
+
+
+def render(result: dict[str, Any]) -> str:
+    machine, full = result["machine"], result["teacher_full_finetune"]
+    default = result["default_recipe"]
+    lines = [
+        "# Compression benchmark",
+        "",
+        "Each technique alone applied to the SmolLM2-135M teacher by the pipeline *without healing*, and the "
+        "default recipe (`shared/compression/recipes/default.toml`), all measured in one run. Written by "
+        "`benchmarks/compression.py`.",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        result["command"],
+        "```",
+        "",
+        f"Machine: {machine['cpu']}, nproc {machine['nproc']}, RAM {machine['ram_gib']} GiB; torch "
+        f"{machine['torch']}, transformers {machine['transformers']}, Python {machine['python']}; "
+        f"{machine['platform']}. Shared with other jobs: load average {result['load_average_start'][0]} at the "
+        f"start, {result['load_average_end'][0]} at the end (1 min). Benchmark time {result['seconds']:.0f} s "
+        "(builds found in the cache take no time).",
+        "",
+        f"- **Perplexity**: {result['client_speeches']} held-out client test speeches (users of the plays "
+        "other than the public ones), joined per user into documents scored whole, total NLL / the teacher's "
+        "token count for the same text; before any adapter.",
+        f"- **Public plays** (healing, vocabulary, calibration; excluded from the federation): "
+        f"{', '.join(result['public_plays'])}.",
+        f"- **LoRA step**: a fresh process loads the folder as a bfloat16 base, adds LoRA r8 on q_proj, v_proj "
+        f"(fp32), and runs {STEPS} AdamW steps on one batch of {BATCH} x {SEQ_LEN} tokens; peak RSS of that "
+        "process, and in brackets the same minus the peak of a process that only imports the same modules "
+        f"({result['memory_baseline_rss'] / 2**20:.0f} MiB). Step time: mean of the steps after the first.",
+        f"- **Teacher full fine-tuning** on the same batch (fp32, AdamW on all parameters): peak "
+        f"{full['peak_rss'] / 2**20:.0f} MiB ({full['peak_rss_own'] / 2**20:.0f} MiB own), "
+        f"{full['step_seconds']:.2f} s per step. *vs teacher full FT* divides by it (target for the default "
+        "recipe: 1/8 or less).",
+        "- Low rank and sharing save memory only while factored or shared; saved, they are plain dense "
+        "weights (same size on disk, same parameters after a plain load). Magnitude pruning zeros weights "
+        "stored densely: nothing shrinks.",
+        "",
+        "| " + " | ".join(HEADERS[:1] + ["what"] + HEADERS[1:]) + " |",
+        "|---|---|" + "---:|" * (len(HEADERS) - 1),
+    ]
+    for r in result["rows"]:
+        cells = _cells(r, full)
+        lines.append("| " + " | ".join([cells[0], r["what"], *cells[1:]]) + " |")
+    heal = default.get("heal") or {}
+    lines += [
+        "",
+        f"Default recipe: key `{default['key']}`, built in {default['build_seconds']:.0f} s"
+        + (f"; healing {heal.get('steps_done')} steps in {heal.get('seconds')} s, stopped by "
+           f"{str(heal.get('stopped_by', '')).replace('_', ' ')}" if heal else "") + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

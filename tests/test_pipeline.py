@@ -1,0 +1,292 @@
+"""The compression pipeline on the tiny teacher: recipes, the cached build, the report, healing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shared.compression.__main__ import main
+from shared.compression.layers import drop_layers
+from shared.compression.measure import parameter_count, storage_bytes
+from shared.compression.pipeline import (
+    block_loss,
+    build_compressed_base,
+    client_eval_documents,
+    compressed_key,
+    heal,
+    score_documents,
+    token_blocks,
+)
+from shared.compression.recipe import DEFAULT_RECIPE, Recipe, RecipeError, load_recipe, recipe_from_dict
+from shared.compression.report import REPORT_JSON, REPORT_MD, load_report
+
+PUBLIC = ["the-comedy-of-errors"]  # the shortest play: the public text of these tests
+
+
+def write(tmp_path: Path, text: str, name: str = "recipe.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def tiny_recipe(tiny_base: Path, **sections: dict) -> Recipe:
+    data = {
+        "name": "tiny",
+        "teacher": str(tiny_base),
+        "public_plays": PUBLIC,
+        "calibration_blocks": 4,
+        "vocab": {"trim": True},
+        "layers": {"keep": 1, "how": "ends"},
+        "heads": {"keep_kv_heads": 1},
+        "mlp": {"keep_ratio": 0.5},
+        "heal": {"steps": 30, "batch_size": 4, "seq_len": 32, "learning_rate": 0.01, "warmup_steps": 2,
+                 "kd_alpha": 0.5, "kd_temperature": 2.0, "kd_topk": 8, "eval_blocks": 8},
+        "eval": {"speeches": 24, "speeches_per_user": 6},
+    }
+    for name, values in sections.items():
+        data[name] = values if not isinstance(values, dict) else {**data.get(name, {}), **values}
+    return recipe_from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def built(tiny_base: Path, cache: Path) -> tuple[Recipe, Path, float]:
+    recipe = tiny_recipe(tiny_base)
+    start = time.perf_counter()
+    folder = build_compressed_base(recipe, cache_dir=cache, progress=False)
+    return recipe, folder, time.perf_counter() - start
+
+
+# --- recipes ---------------------------------------------------------------------------------------
+
+
+def test_default_recipe_is_valid_and_names_public_plays() -> None:
+    recipe = load_recipe(None)
+    assert load_recipe(DEFAULT_RECIPE) == recipe
+    assert recipe.teacher == "smollm2" and len(recipe.public_plays) >= 6
+    assert recipe.vocab.trim and recipe.heal.steps > 0 and recipe.time_budget_s is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("nmae = 'x'\n", "'nmae'"),
+        ("[heal]\nstpes = 3\n", "'heal.stpes'"),
+        ("[layers]\nkeep = 'six'\n", "layers.keep"),
+        ("[layers]\nkeep = 0\n", "layers.keep"),
+        ("[layers]\nhow = 'middle'\n", "layers.how"),
+        ("[mlp]\nkeep_ratio = 1.5\n", "mlp.keep_ratio"),
+        ("[heal]\nkd_alpha = true\n", "heal.kd_alpha"),
+        ("[heal]\nlearning_rate = -1\n", "heal.learning_rate"),
+        ("[magnitude]\nsparsity = 1.0\n", "magnitude.sparsity"),
+        ("[magnitude]\nmodules = ['q_proj', 'qkv']\n", "magnitude.modules[1]"),
+        ("[output]\ndtype = 'int4'\n", "output.dtype"),
+        ("public_plays = ['hamlet', 'not-a-play']\n", "public_plays"),
+        ("public_plays = 'hamlet'\n", "public_plays"),
+        ("heal = 3\n", "'heal'"),
+        ("[vocab]\ntrim = true\n", "public_plays"),
+        ("[sharing]\ngroups = [[0]]\n", "sharing.groups"),
+        ("[lowrank]\nrank = 8\nenergy = 0.9\n", "lowrank.rank"),
+        ("public_plays = ['hamlet']\n[heal]\nsteps = 5\nhidden_weight = 1.0\nkd_topk = 8\n", "heal.hidden_weight"),
+    ],
+)
+def test_recipe_errors_name_the_key(tmp_path: Path, text: str, named: str) -> None:
+    with pytest.raises(RecipeError, match=named.replace("[", r"\[").replace("]", r"\]")) as error:
+        load_recipe(write(tmp_path, text))
+    assert "recipe.toml" in str(error.value)
+
+
+def test_recipe_file_problems(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.toml")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe(write(tmp_path, "[heal\nsteps = 3"))
+    assert load_recipe(write(tmp_path, "")) == Recipe(source="ignored")  # every key has a default
+
+
+def test_recipe_round_trips_through_toml(tmp_path: Path) -> None:
+    recipe = load_recipe(None).with_overrides({"sharing.groups": [[1, 2]], "layers.keep": 5})
+    again = load_recipe(write(tmp_path, recipe.to_toml()))
+    assert again.to_dict() == recipe.to_dict()
+    with pytest.raises(RecipeError, match="heal.nope"):
+        recipe.with_overrides({"heal.nope": 1})
+
+
+def test_key_follows_recipe_content_not_formatting(tiny_base: Path, tmp_path: Path) -> None:
+    recipe = tiny_recipe(tiny_base)
+    same = load_recipe(write(tmp_path, "# a comment\n" + recipe.to_toml()))
+    assert compressed_key(same) == compressed_key(recipe)
+    assert compressed_key(recipe).startswith("tiny-")
+    changed = [
+        recipe.with_overrides({"layers.keep": 2}),
+        recipe.with_overrides({"heal.kd_temperature": 1.0}),
+        recipe.with_overrides({"public_plays": ["pericles"]}),
+        recipe.replace(teacher=str(tmp_path)),
+    ]
+    (tmp_path / "config.json").write_text((tiny_base / "config.json").read_text())
+    assert len({compressed_key(recipe)} | {compressed_key(other) for other in changed}) == 5
+
+
+# --- the build -------------------------------------------------------------------------------------
+
+
+def test_build_writes_a_plain_hugging_face_folder(built: tuple[Recipe, Path, float]) -> None:
+    recipe, folder, _ = built
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    report = load_report(folder)
+    assert model.config.num_hidden_layers == 1
+    assert model.config.num_key_value_heads == 1 and model.config.intermediate_size == 32
+    assert model.config.vocab_size == len(tokenizer) == report["student"]["vocab_size"]
+    assert len(tokenizer) < report["teacher"]["vocab_size"]
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    ids = tokenizer("When shall we three meet again", return_tensors="pt").input_ids
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    assert (folder / "recipe.toml").is_file() and (folder / REPORT_MD).is_file()
+    assert load_recipe(folder / "recipe.toml").to_dict() == recipe.to_dict()
+    assert not folder.with_name(folder.name + ".partial").exists()
+
+
+def test_report_is_consistent_with_the_folder(built: tuple[Recipe, Path, float]) -> None:
+    recipe, folder, _ = built
+    report = json.loads((folder / REPORT_JSON).read_text())
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher)
+    assert report["key"] == folder.name == compressed_key(recipe)
+    assert report["student"]["parameters"] == parameter_count(model)
+    assert report["teacher"]["parameters"] == parameter_count(teacher)
+    assert report["student"]["storage_bytes"] == storage_bytes(folder)
+    assert report["ratios"]["parameters"] == pytest.approx(parameter_count(teacher) / parameter_count(model), abs=1e-3)
+    evaluation = report["eval"]
+    assert evaluation["speeches"] == 24 and evaluation["teacher"]["tokens"] == evaluation["teacher_tokens"]
+    assert evaluation["student"]["teacher_tokens"] == evaluation["teacher_tokens"]
+    assert report["ratios"]["perplexity"] == pytest.approx(
+        evaluation["student"]["ppl_per_teacher_token"] / evaluation["teacher"]["ppl_per_teacher_token"], rel=1e-3)
+    assert [t["technique"] for t in report["techniques"]] == ["vocab", "layers", "heads", "mlp"]
+    assert report["techniques"][0]["client_token_inflation"] >= 1.0
+    assert report["heal"]["steps_done"] == 30 and report["heal"]["kd_steps"] == 30
+    assert report["heal"]["topk_cache"]["blocks_computed"] > 0
+    assert report["public_plays"] == PUBLIC and report["recipe"] == recipe.to_dict()
+    assert set(report["timings"]) >= {"load_teacher", "eval_teacher", "vocab", "layers", "heal", "save"}
+
+
+def test_distillation_healing_lowers_the_public_loss(built: tuple[Recipe, Path, float]) -> None:
+    heal_stats = load_report(built[1])["heal"]
+    assert heal_stats["public_val_loss_after"] < heal_stats["public_val_loss_before"] - 0.1
+
+
+def test_second_build_is_a_cache_hit(built: tuple[Recipe, Path, float], cache: Path) -> None:
+    recipe, folder, first_seconds = built
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    again = build_compressed_base(recipe, cache_dir=cache, progress=False)
+    seconds = time.perf_counter() - start
+    assert again == folder and seconds < 1.0 and seconds < first_seconds / 5
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_every_technique_combined(tiny_base: Path, cache: Path) -> None:
+    """Low rank, sharing, magnitude pruning and bf16 together still give a plain, loadable folder."""
+    recipe = tiny_recipe(
+        tiny_base,
+        vocab={"trim": False},
+        layers={"keep": 2},
+        heads={"keep_kv_heads": None},
+        mlp={"keep_ratio": None},
+        lowrank={"rank": 4},
+        sharing={"groups": [[0, 1]]},
+        magnitude={"sparsity": 0.5, "modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        heal={"steps": 4, "kd_alpha": 0.0},
+        output={"dtype": "bfloat16"},
+    )
+    folder = build_compressed_base(recipe, cache_dir=cache, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    report = load_report(folder)
+    assert next(model.parameters()).dtype == torch.bfloat16 and report["student"]["dtype"] == "bfloat16"
+    first, second = model.model.layers
+    assert torch.equal(first.self_attn.q_proj.weight, second.self_attn.q_proj.weight)  # shared, saved untied
+    singular = torch.linalg.svdvals(first.mlp.gate_proj.weight.float())
+    assert (singular[4:] < 0.02 * singular[0]).all()  # rank 4, up to bf16 rounding
+    zeros = (first.self_attn.q_proj.weight == 0).float().mean().item()
+    assert zeros >= 0.3  # the zeros survive healing (global scope: per-matrix shares differ)
+    magnitude = next(t for t in report["techniques"] if t["technique"] == "magnitude")
+    assert magnitude["sparsity_measured"] == pytest.approx(0.5, abs=0.01)
+    assert report["student"]["parameters_in_memory"] < report["student"]["parameters"]  # sharing + low rank
+    assert report["student"]["parameters"] == parameter_count(model)
+
+
+def test_bad_recipe_for_this_teacher_names_the_key(tiny_base: Path, tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="layers.keep"):
+        build_compressed_base(tiny_recipe(tiny_base, layers={"keep": 5}), cache_dir=tmp_path, progress=False)
+
+
+# --- pieces --------------------------------------------------------------------------------------
+
+
+def test_live_distillation_with_hidden_matching_lowers_the_student_loss(tiny_base: Path) -> None:
+    recipe = tiny_recipe(tiny_base, heal={"steps": 25, "kd_alpha": 0.7, "kd_topk": 0, "hidden_weight": 1.0})
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    from shared.compression.pipeline import public_texts
+
+    blocks = token_blocks(tokenizer, public_texts(recipe)[:400], 32)
+    held, train = blocks[:8], blocks[8:]
+    student = drop_layers(copy.deepcopy(teacher), [0])
+    before = block_loss(student, held)
+    stats = heal(student, train, recipe, teacher=teacher, layer_map={0: 0, 1: 1})
+    assert stats["kd_steps"] == 25 and stats["steps_done"] == 25
+    assert block_loss(student, held) < before - 0.1
+
+
+def test_heal_stops_at_the_time_budget(tiny_base: Path) -> None:
+    recipe = tiny_recipe(tiny_base, heal={"steps": 10_000, "kd_alpha": 0.0})
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    blocks = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(0))
+    stats = heal(model, blocks, recipe, time_budget_s=0.5)
+    assert stats["stopped_by"] == "time_budget" and 0 < stats["steps_done"] < 10_000
+
+
+def test_perplexity_per_teacher_token_is_fair(tiny_base: Path) -> None:
+    """Scoring whole documents: the same text, whatever the tokenizer, and the teacher's own count."""
+    recipe = tiny_recipe(tiny_base)
+    documents = client_eval_documents(recipe)
+    assert sum(len(d) for d in documents) == 24 and documents == client_eval_documents(recipe)
+    assert all(sum(map(len, d)) <= recipe.eval.document_chars or len(d) == 1 for d in documents)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    score = score_documents(model, tokenizer, documents).as_dict()
+    assert score["ppl_per_teacher_token"] == score["ppl_per_own_token"]
+    # Batching and padding do not change the total.
+    one_by_one = sum(score_documents(model, tokenizer, [d]).nll for d in documents)
+    assert score["nll"] == pytest.approx(one_by_one, rel=1e-4)
+    # Given more teacher tokens for the same NLL, the per-teacher-token perplexity is lower.
+    doubled = score_documents(model, tokenizer, documents, reference_tokens=2 * score["tokens"]).as_dict()
+    assert doubled["ppl_per_teacher_token"] < score["ppl_per_own_token"]
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def test_cli_report_key_and_out(built: tuple[Recipe, Path, float], cache: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    recipe, folder, _ = built
+    recipe_path = write(tmp_path, recipe.to_toml())
+    assert main(["report", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["key"] == folder.name
+    assert main(["key", "--recipe", str(recipe_path), "--cache-dir", str(cache)]) == 0
+    assert capsys.readouterr().out.strip() == str(folder)
+    out = tmp_path / "exported"
+    assert main(["build", "--recipe", str(recipe_path), "--cache-dir", str(cache), "--out", str(out), "--quiet"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / REPORT_JSON).is_file()
+    assert main(["build", "--recipe", str(tmp_path / "nope.toml"), "--quiet"]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
