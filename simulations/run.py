@@ -70,6 +70,8 @@ def flower_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, 
         "RAY_TMPDIR": tempfile.mkdtemp(prefix="fg-ray-"),
         "RAY_DEDUP_LOGS": "0",
         "TOKENIZERS_PARALLELISM": "false",
+        # The SuperLink starts flwr-simulation by name: it must be this venv's, not another on PATH.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     })
     return env
 
@@ -112,6 +114,21 @@ def stop_process_group(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
+def stop_strays(flwr_home: Path) -> None:
+    """Kill what the SuperLink started in sessions of their own (flwr-simulation, Ray) for this home.
+
+    They exit by themselves after a finished run, but not after an aborted one.
+    """
+    import psutil
+
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("FLWR_HOME") == str(flwr_home):
+                process.kill()
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+
+
 def _flwr(*args: str) -> list[str]:
     return [str(Path(sys.executable).with_name("flwr")), *args]
 
@@ -142,6 +159,7 @@ def run_simulation(num_users: int, run_config: dict[str, object], workdir: Path,
         status = _run_status(run_id, env)
     finally:
         stop_process_group(superlink)
+        stop_strays(flwr_home)
         shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     if status != "finished:completed":
         raise SimulationError(f"Flower run {run_id} ended as {status!r}; logs: {flwr_home / 'superlink.log'}")
