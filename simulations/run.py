@@ -258,11 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     args = parse_args(argv)
     console.rule("[bold]fedgraft: simulated Shakespeare federation")
-    with console.status("Preparing the base model (a GGUF is converted once, then cached)..."):
-        materialize_base(args.base)
+    base, excluded = prepare_base(args.base)
     # Simulated clients share one actor and run one after another: a round lasts the sum of them.
-    run_config = {"base-model": args.base, "num-server-rounds": args.rounds, "min-train-nodes": min(args.users, 2),
-                  "round-timeout": 3600, **parse_overrides(args.run_config)}
+    run_config = {"base-model": base, "exclude-plays": ",".join(excluded), "num-server-rounds": args.rounds,
+                  "min-train-nodes": min(args.users, 2), "round-timeout": 3600, **parse_overrides(args.run_config)}
     console.print(f"{args.users} clients, {args.rounds} rounds, base {args.base!r} ({base}), work folder {args.workdir}")
     try:
         result = run_simulation(args.users, run_config, args.workdir, timeout=args.timeout)

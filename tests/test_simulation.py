@@ -65,3 +65,18 @@ def test_report_and_global_adapter_are_written(finished_run, tiny_base):
     model = PeftModel.from_pretrained(load_model(str(tiny_base)), adapter_dir)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_the_main_job_command_runs_end_to_end(tiny_base, tmp_path):
+    """`python -m simulations.run` as the README's `make run` calls it, on a tiny base."""
+    from simulations.run import main
+
+    overrides = "base-dtype=\"float32\" local-steps=4 seq-len=32 batch-size=2 max-eval-blocks=4 min-speeches=60"
+    code = main(["--users", "2", "--rounds", "1", "--base", str(tiny_base), "--workdir", str(tmp_path),
+                 "--run-config", overrides])
+    assert code == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "## Held-out perplexity per user" in report and report.count("| ") > 10
+    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}", read_only=True) as ledger:
+        (run,) = ledger.runs()
+        assert run.status == "completed" and run.config["exclude-plays"] == ""
