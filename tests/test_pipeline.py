@@ -288,5 +288,7 @@ def test_cli_report_key_and_out(built: tuple[Recipe, Path, float], cache: Path, 
     out = tmp_path / "exported"
     assert main(["build", "--recipe", str(recipe_path), "--cache-dir", str(cache), "--out", str(out), "--quiet"]) == 0
     assert (out / "model.safetensors").is_file() and (out / REPORT_JSON).is_file()
+    assert main(["build", "--recipe", str(recipe_path), "--cache-dir", str(cache), "--out", str(out), "--quiet"]) == 2
+    assert "not empty" in capsys.readouterr().err
     assert main(["build", "--recipe", str(tmp_path / "nope.toml"), "--quiet"]) == 2
     assert "recipe file not found" in capsys.readouterr().err

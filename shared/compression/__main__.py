@@ -15,6 +15,10 @@ from pathlib import Path
 from shared.compression.recipe import DEFAULT_RECIPE, RecipeError, load_recipe
 
 
+class CliError(Exception):
+    """A command-line problem reported as one line (exit status 2)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.compression", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             print_report(folder)
         print(folder)
         return 0
-    except (RecipeError, FileNotFoundError) as error:
+    except (RecipeError, FileNotFoundError, CliError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 def _copy(folder: Path, out: Path) -> Path:
     """Copy the built folder to ``out`` (written next to it first, then renamed)."""
     if out.exists() and any(out.iterdir()):
-        raise FileNotFoundError(f"--out {out} exists and is not empty; choose a new folder")
+        raise CliError(f"--out {out} exists and is not empty; choose a new folder")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(folder, partial)
