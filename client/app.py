@@ -63,8 +63,19 @@ def _prepare(msg: Message, context: Context) -> Job:
         if config.method == "ditto":  # Ditto starts the personal model from the global one
             copy_adapter(session.model, SHARED, PERSONAL)
     train_blocks, test_blocks = user_blocks(user, session.tokenizer, config)
-    return Job(config, method_, user, session, train_blocks, test_blocks, folder,
-               int(msg.content["config"].get("server-round", 0)))
+    job = Job(config, method_, user, session, train_blocks, test_blocks, folder,
+              int(msg.content["config"].get("server-round", 0)))
+    keep_received_shared(job)
+    return job
+
+
+def keep_received_shared(job: Job) -> None:
+    """Keep the newest global/domain adapter on the device, so ``python -m client.use`` can use it offline.
+
+    FedSA's shared adapter holds the device's private B: it is saved after training instead.
+    """
+    if job.method.sends_arrays and job.method.personal != "b-matrices":
+        save_personal(job.session.model, SHARED, job.folder, job.session.base_hash, **_tags(job))
 
 
 def score_user_model(job: Job) -> dict[str, float]:
@@ -100,8 +111,14 @@ def train_personal(job: Job, steps: int) -> dict[str, float]:
                          seed=job.config.seed + 7919 * (job.round + 1), penalty=penalty)
 
 
+def _tags(job: Job) -> dict[str, object]:
+    # what client.use needs to rebuild the user's model: the method says which adapters it stacks
+    return {"method": job.method.name, "round": job.round, "user_id": job.user.user_id,
+            "base_model": job.config.base_model, "base_dtype": job.config.base_dtype}
+
+
 def save_private_state(job: Job) -> None:
-    tags = {"method": job.method.name, "round": job.round, "user_id": job.user.user_id}
+    tags = _tags(job)
     if job.method.personal == "b-matrices":
         save_personal(job.session.model, SHARED, job.folder, job.session.base_hash, **tags)
     elif job.method.personal in ("stacked", "alone", "finetune"):

@@ -136,3 +136,54 @@ def test_ditto_personal_model_is_pulled_toward_the_shared_one(device):
         shared, personal = adapter_state(session.model, SHARED), adapter_state(session.model, PERSONAL)
         distances.append(sum(float((personal[k] - shared[k]).norm()) for k in shared))
     assert distances[1] < distances[0]
+
+
+def nonzero_global(config: dict) -> ArrayRecord:
+    """A global adapter as after some rounds: B no longer zero."""
+    generator = torch.Generator().manual_seed(1)
+    arrays = global_arrays(config)
+    return to_arrays({key: torch.from_numpy(arrays[key].numpy()) + 0.05 * torch.randn(arrays[key].shape, generator=generator)
+                      for key in arrays.keys()})
+
+
+def test_the_device_keeps_the_shared_adapter_it_received(device):
+    from safetensors.torch import load_file
+
+    config = run_config(device, "fedavg")
+    received = nonzero_global(config)
+    send(client_app.train, config, device, received)
+    saved = load_file(user_folder(device["state"], "me") / SHARED / "adapter_model.safetensors")
+    assert set(saved) == set(received.keys())
+    for key, tensor in saved.items():  # as received, not as trained locally afterwards
+        np.testing.assert_allclose(tensor.numpy(), received[key].numpy())
+
+
+def test_use_scores_and_generates_with_base_shared_and_personal(device, capsys):
+    from client import use
+
+    config = run_config(device, "dual", **{"personal-steps": 8})
+    send(client_app.train, config, device, nonzero_global(config))
+    folder = user_folder(device["state"], "me")
+    personal = use.load_personal_model(folder)
+    assert personal.adapters == [SHARED, PERSONAL] and personal.tag["method"] == "dual"
+    rows = dict(use.score(personal, LINES, seq_len=16))
+    base, shared_only, mine = rows["base alone"], rows["shared adapter"], rows["your model (shared + personal)"]
+    assert len({base["loss"], shared_only["loss"], mine["loss"]}) == 3  # three different models were scored
+    assert mine["loss"] < base["loss"]  # the personal adapter learned these very lines
+    text = use.generate(personal, "Fair is", max_new_tokens=5, temperature=0)
+    assert text == use.generate(personal, "Fair is", max_new_tokens=5, temperature=0)  # greedy is repeatable
+    assert use.main(["score", "--state-dir", str(device["state"]), "--user", "me", "--text", " ".join(LINES)]) == 0
+    assert "your model (shared + personal)" in capsys.readouterr().out
+
+
+def test_use_refuses_adapters_of_another_base_and_says_what_is_missing(device, tmp_path, capsys):
+    from client import use
+
+    assert use.main(["score", "--folder", str(tmp_path / "nobody"), "--text", "hello"]) == 2
+    assert "no saved adapter" in capsys.readouterr().out
+    config = run_config(device, "local")
+    send(client_app.train, config, device, ArrayRecord())
+    tag = user_folder(device["state"], "me") / PERSONAL / "fedgraft.json"
+    tag.write_text(json.dumps({**json.loads(tag.read_text()), "base_hash": "0" * 64}))
+    with pytest.raises(StalePersonalAdapter, match="trained on base 000000000000"):
+        use.load_personal_model(user_folder(device["state"], "me"))
