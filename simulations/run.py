@@ -261,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     base, excluded = prepare_base(args.base)
     # Simulated clients share one actor and run one after another: a round lasts the sum of them.
     run_config = {"base-model": base, "exclude-plays": ",".join(excluded), "num-server-rounds": args.rounds,
-                  "min-train-nodes": min(args.users, 2), "round-timeout": 3600, **parse_overrides(args.run_config)}
+                  "min-train-nodes": min(args.users, 2), "round-timeout": 3600, "state-dir": str(args.workdir.absolute() / "devices"),
+                  **parse_overrides(args.run_config)}
     console.print(f"{args.users} clients, {args.rounds} rounds, base {args.base!r} ({base}), work folder {args.workdir}")
     try:
         result = run_simulation(args.users, run_config, args.workdir, timeout=args.timeout)
@@ -273,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     report = write_report(result.ledger_url, result.flower_run_id, args.workdir / "report.md", wall_seconds=result.seconds)
     console.print(f"Run {result.flower_run_id} completed in {result.seconds / 60:.1f} min. "
                   f"Ledger: {result.ledger_url}  Report: {report}")
+    if table.rows:
+        console.print("Use a user's model: .venv/bin/python -m client.use generate "
+                      f"--state-dir {run_config['state-dir']} --user {table.rows[0].user_id!r} --prompt 'My lord,'")
     return 0
 
 
