@@ -1,16 +1,17 @@
 """Deployment cost on loopback: 1 SuperLink (TLS + node auth) and 2 SuperNodes, a 2-round run.
 
     .venv/bin/python -m benchmarks.deployment                      # tiny base (seconds per round)
-    .venv/bin/python -m benchmarks.deployment --base tiny smollm2  # and the embedded SmolLM2-135M
+    .venv/bin/python -m benchmarks.deployment --base compressed smollm2   # compressed base vs teacher
     .venv/bin/python -m benchmarks.deployment --write benchmarks/results/deployment.md
 
 Measures, per variant:
 - wall time of each round (ledger: round started -> aggregated) and of the whole run (submit -> Flower
   reports it finished), including the final evaluation;
-- per-device peak memory: the sum of RSS over the SuperNode's process tree (flower-supernode,
-  flower-superexec and the flwr-clientapp started per message), sampled with psutil every 0.2 s;
-  the same for the SuperLink's tree (SuperLink, SuperExec, ServerApp). RSS sums count shared pages
-  (libraries) once per process, so they overstate what the tree really uses;
+- per-device peak memory: the sum of RSS and the sum of PSS over the SuperNode's process tree
+  (flower-supernode, flower-superexec and the flwr-clientapp started per message), sampled with
+  psutil every 0.2 s; the same for the SuperLink's tree (SuperLink, SuperExec, ServerApp). RSS sums
+  count shared pages (libraries) once per process, so they overstate what the tree uses; PSS splits
+  each shared page among the processes that map it, so its sum is the tree's real footprint;
 - bytes down / up per device per round, from the ledger's client results (adapter tensors only).
 
 All processes run on this machine and are stopped by PID at the end, also on failure.
@@ -49,12 +50,13 @@ class TreeSampler:
 
     pid_of: callable
     samples: list[tuple[float, int]] = field(default_factory=list)
+    pss_samples: list[tuple[float, int]] = field(default_factory=list)
 
     def sample(self) -> None:
         pid = self.pid_of()
         if pid is None:
             return
-        total = 0
+        total, total_pss = 0, 0
         try:
             root = psutil.Process(pid)
             processes = [root, *root.children(recursive=True)]
@@ -62,13 +64,20 @@ class TreeSampler:
             return
         for process in processes:
             try:
-                total += process.memory_info().rss
+                memory = process.memory_full_info()  # reads smaps: PSS as well as RSS
+                total += memory.rss
+                total_pss += getattr(memory, "pss", memory.rss)
             except psutil.Error:
                 continue
-        self.samples.append((time.time(), total))
+        now = time.time()
+        self.samples.append((now, total))
+        self.pss_samples.append((now, total_pss))
 
     def peak(self, start: float = 0.0, end: float = float("inf")) -> int:
         return max((rss for t, rss in self.samples if start <= t <= end), default=0)
+
+    def peak_pss(self, start: float = 0.0, end: float = float("inf")) -> int:
+        return max((pss for t, pss in self.pss_samples if start <= t <= end), default=0)
 
 
 class Sampling:
@@ -116,7 +125,18 @@ def smollm2_variant(workdir: Path) -> Variant:
 
     folder = str(materialize_base("smollm2"))
     # The pyproject defaults (bf16, seq-len 128, 12 local steps, batch 4, LoRA r 8 on q,v).
-    return Variant("SmolLM2-135M-Instruct (embedded GGUF, bf16)", "smollm2", folder, {"base-model": "smollm2"})
+    return Variant("teacher: SmolLM2-135M-Instruct (embedded GGUF, bf16)", "smollm2", folder, {"base-model": "smollm2"})
+
+
+def compressed_variant(workdir: Path) -> Variant:
+    from shared.base_model import materialize_base
+
+    folder = str(materialize_base("compressed"))  # built once (about 8 minutes), then cached
+    # The pyproject defaults, as the teacher variant: only the base differs.
+    return Variant("compressed base (default recipe, bf16)", "compressed", folder, {"base-model": "compressed"})
+
+
+VARIANTS = {"tiny": tiny_variant, "compressed": compressed_variant, "smollm2": smollm2_variant}
 
 
 def run_variant(variant: Variant, workdir: Path, devices: int, rounds: int, timeout: float,
@@ -132,7 +152,7 @@ def run_variant(variant: Variant, workdir: Path, devices: int, rounds: int, time
             samplers[name] = TreeSampler(lambda device=device: device.process.pid if device.process else None)
         with Sampling(samplers):
             federation.wait_online(devices, timeout=120)
-            idle = {name: sampler.peak() for name, sampler in samplers.items()}
+            idle = {name: _peaks(sampler, 0.0, time.time()) for name, sampler in samplers.items()}
             submitted = time.time()
             run_id = federation.submit({**variant.run_config, "num-server-rounds": rounds, "min-train-nodes": devices,
                                         "node-wait-seconds": 120, "round-timeout": timeout, "ledger-url": ledger_url,
@@ -156,6 +176,10 @@ def _kib(n: int) -> str:
     return f"{n / 2**10:,.1f}"
 
 
+def _peaks(sampler: TreeSampler, start: float, end: float) -> str:
+    return f"{_mib(sampler.peak(start, end))} ({_mib(sampler.peak_pss(start, end))})"
+
+
 def render(outcome: dict) -> str:
     variant, rounds_, samplers = outcome["variant"], outcome["rounds"], outcome["samplers"]
     run = outcome["run"]
@@ -167,7 +191,7 @@ def render(outcome: dict) -> str:
              f"{ledger_end - ledger_start:.1f} s + until `flwr list` reports it finished (1 s polling) "
              f"{outcome['finished'] - ledger_end:.1f} s.", ""]
     lines += ["| round | wall time (s) | clients ok / sampled | train loss | " +
-              " | ".join(f"{n} peak RSS (MiB)" for n in samplers) + " |",
+              " | ".join(f"{n} peak RSS sum (PSS sum), MiB" for n in samplers) + " |",
               "|---|---|---|---|" + "---|" * len(samplers)]
     for round_ in rounds_:
         start = round_.started_at.timestamp()
@@ -175,18 +199,18 @@ def render(outcome: dict) -> str:
         wall = end - start
         loss = round_.metrics.get("train-loss")
         loss_text = f"{loss:.3f}" if isinstance(loss, (int, float)) else "-"
-        peaks = " | ".join(_mib(s.peak(start, end)) for s in samplers.values())
+        peaks = " | ".join(_peaks(s, start, end) for s in samplers.values())
         lines.append(f"| {round_.number} | {wall:.1f} | {round_.clients_replied} / {round_.clients_sampled} | "
                      f"{loss_text} | {peaks} |")
     last_end = max((r.finished_at for r in rounds_ if r.finished_at), default=None)
     if last_end is not None:
         evaluation = outcome["run"].finished_at
         wall = (evaluation - last_end).total_seconds() if evaluation else float("nan")
-        peaks = " | ".join(_mib(s.peak(last_end.timestamp(), outcome["finished"])) for s in samplers.values())
+        peaks = " | ".join(_peaks(s, last_end.timestamp(), outcome["finished"]) for s in samplers.values())
         lines.append(f"| final evaluation | {wall:.1f} | | | {peaks} |")
-    lines.append("| whole run | | | | " + " | ".join(_mib(s.peak(outcome["submitted"], outcome["finished"]))
+    lines.append("| whole run | | | | " + " | ".join(_peaks(s, outcome["submitted"], outcome["finished"])
                                                   for s in samplers.values()) + " |")
-    lines.append("| idle (connected, before the run) | | | | " + " | ".join(_mib(v) for v in outcome["idle"].values()) + " |")
+    lines.append("| idle (connected, before the run) | | | | " + " | ".join(outcome["idle"].values()) + " |")
     lines += ["", "Bytes per device per round (ledger client results; adapter tensors only, no protocol overhead):", "",
               "| round | phase | device | user | node id | status | down (KiB) | up (KiB) | client seconds |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -195,6 +219,28 @@ def render(outcome: dict) -> str:
         seconds = f"{result.seconds:.1f}" if result.seconds is not None else "-"
         lines.append(f"| {result.round_number} | {result.phase} | {name} | {user} | {result.node_id} | {result.status} | "
                      f"{_kib(result.bytes_down)} | {_kib(result.bytes_up)} | {seconds} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary(outcomes: list[dict]) -> str:
+    """One line per base: what a device pays per round, and the ratio to the first base measured."""
+    lines = ["| base | status | mean round wall time (s) | device peak PSS, whole run (MiB) | device peak RSS sum (MiB) | "
+             "down / up per device per round (KiB) | vs first row: round time | vs first row: device PSS |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    first = None
+    for outcome in outcomes:
+        rounds_ = [r for r in outcome["rounds"] if r.finished_at]
+        wall = sum((r.finished_at - r.started_at).total_seconds() for r in rounds_) / max(len(rounds_), 1)
+        devices = [s for name, s in outcome["samplers"].items() if name != "superlink"]
+        window = (outcome["submitted"], outcome["finished"])
+        pss = max(s.peak_pss(*window) for s in devices)
+        rss = max(s.peak(*window) for s in devices)
+        train = [r for r in outcome["results"] if r.phase == "train" and r.status == "ok"]
+        down = sum(r.bytes_down for r in train) / max(len(train), 1)
+        up = sum(r.bytes_up for r in train) / max(len(train), 1)
+        first = first or (wall, pss)
+        lines.append(f"| {outcome['variant'].name} | {outcome['status']} | {wall:.1f} | {_mib(pss)} | {_mib(rss)} | "
+                     f"{_kib(down)} / {_kib(up)} | {wall / first[0]:.2f}x | {pss / first[1]:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,7 +263,8 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", nargs="+", choices=["tiny", "smollm2"], default=["tiny"])
+    parser.add_argument("--base", nargs="+", choices=sorted(VARIANTS), default=["tiny"],
+                        help="bases to measure, in order; the summary compares each with the first")
     parser.add_argument("--devices", type=int, default=2, choices=range(1, len(USERS) + 1))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--round-timeout", type=float, default=900)
@@ -228,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     # `timeout`/kill -TERM: unwind, so every started process is stopped by the federation's __exit__
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fg-deploy-bench-"))
-    sections, load_before = [], os.getloadavg()
+    sections, outcomes, load_before = [], [], os.getloadavg()
     try:
         for name in args.base:
-            variant = tiny_variant(workdir / name) if name == "tiny" else smollm2_variant(workdir / name)
+            variant = VARIANTS[name](workdir / name)
             print(f"== {variant.name}: 1 SuperLink + {args.devices} SuperNodes, {args.rounds} rounds", flush=True)
             started = time.monotonic()
             try:
@@ -242,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"   {outcome['status']} in {time.monotonic() - started:.0f} s (setup included)", flush=True)
                 section = render(outcome)
+                outcomes.append(outcome)
             print(section, flush=True)
             sections.append(section)
     finally:
@@ -255,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{' '.join(f'{x:.1f}' for x in load_before)} / {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
         "(the machine is shared; other jobs ran at the same time).", "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. Memory: peak of the summed RSS of each process tree, "
-        f"sampled every {SAMPLE_SECONDS} s (shared library pages count once per process).", "",
+        f"sampled every {SAMPLE_SECONDS} s (shared library pages count once per process); PSS: the summed "
+        "proportional set size of the same tree (shared pages split among the processes mapping them).", "",
+        "## Summary", "", summary(outcomes) if outcomes else "(no variant finished)", "",
         *sections,
     ])
     if args.write:

@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -89,11 +90,25 @@ def resolve_base(spec: str) -> BaseSource:
     raise BaseModelError(f"Base model {spec!r} is neither 'smollm2', a .gguf file, a model folder nor a hub id")
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's content, so every copy of it (another clone, another venv) shares a cache entry."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # keyed by size and mtime: a rewrite re-hashes
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _gguf_cache_folder(source: BaseSource, cache_dir: Path) -> Path:
     gguf = Path(source.folder) / str(source.gguf_file)
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_dir / "gguf" / f"{gguf.stem}-{key}"
+    return cache_dir / "gguf" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
 
 
 def compressed_recipe(spec: str) -> str | None:

@@ -137,6 +137,33 @@ def test_key_follows_recipe_content_not_formatting(tiny_base: Path, tmp_path: Pa
     assert len({compressed_key(recipe)} | {compressed_key(other) for other in changed}) == 5
 
 
+def test_key_follows_the_teachers_content_not_its_location(tiny_base: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from shared.compression.pipeline import teacher_identity
+
+    # "smollm2" resolves to the GGUF inside each venv: the key hashes what the spec resolves to
+    copy = shutil.copytree(tiny_base, tmp_path / "elsewhere" / "teacher")  # another clone, another venv
+    assert teacher_identity(str(copy)) == teacher_identity(str(tiny_base))
+    weights = next(p for p in copy.iterdir() if p.suffix == ".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size, one bit of one weight differs
+    weights.write_bytes(bytes(data))
+    assert teacher_identity(str(copy)) != teacher_identity(str(tiny_base))
+
+
+def test_a_gguf_is_converted_once_whatever_its_path(tmp_path: Path) -> None:
+    from shared.base_model import BaseSource, _gguf_cache_folder
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.gguf").write_bytes(b"GGUF" + bytes(range(200)))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "model.gguf").write_bytes(b"GGUF" + bytes(range(1, 201)))
+    folders = {name: _gguf_cache_folder(BaseSource(tmp_path / name, "model.gguf"), tmp_path / "cache") for name in "abc"}
+    assert folders["a"] == folders["b"] != folders["c"]
+
+
 # --- the build -------------------------------------------------------------------------------------
 
 

@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from shared.base_model import DTYPES, default_cache_dir, materialize_base, resolve_base, weights_hash
+from shared.base_model import DTYPES, default_cache_dir, file_sha256, materialize_base, resolve_base, weights_hash
 from shared.compression.distill import (
     distillation_loss,
     distillation_loss_topk,
@@ -91,13 +91,12 @@ def _as_recipe(recipe: Recipe | str | Path | None) -> Recipe:
 
 
 def _file_identity(path: Path) -> dict[str, Any]:
-    """A weight file by resolved path, size and modification time (cheap; a re-written file misses)."""
-    stat = path.stat()
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """A weight file by content: the same teacher in another clone or venv finds the same build."""
+    return {"name": path.name, "size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def teacher_identity(spec: str) -> dict[str, Any]:
-    """What identifies a teacher without loading it: its resolved source files (or its hub id)."""
+    """What identifies a teacher without loading it: its files' contents, wherever they are (or its hub id)."""
     source = resolve_base(spec)
     folder = source.folder
     if source.is_gguf:
@@ -110,7 +109,7 @@ def teacher_identity(spec: str) -> dict[str, Any]:
     # Small files (config, tokenizer) by content: editing them changes the model or its tokens.
     small = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
              for p in files if p.suffix in (".json", ".txt", ".model") and p.stat().st_size < 50_000_000}
-    return {"kind": "folder", "path": str(folder.resolve()), "weights": weights, "files": small}
+    return {"kind": "folder", "weights": weights, "files": small}
 
 
 def corpus_identity(recipe: Recipe) -> dict[str, Any]:
