@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from server.ledger import Ledger  # noqa: E402
 from simulations.report import find_run  # noqa: E402
@@ -121,6 +122,7 @@ def plot_curves(results: dict[str, MethodResults], path: Path) -> None:
     for name, r in results.items():
         axis.plot(list(r.curve), list(r.curve.values()), marker="o", label=name)
     axis.set_xlabel("round")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel("mean per-user held-out perplexity")
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
