@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `{command.strip()}` (from the repository root, venv active)", "",
         f"Machine: {machine()}. Load average before / after: "
         f"{' '.join(f'{x:.1f}' for x in load_before)} / {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
-        "(the machine is shared; other jobs ran at the same time).", "",
+        "(1, 5 and 15 minutes; the benchmark's own processes count).", "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC. Memory: peak of the summed RSS of each process tree, "
         f"sampled every {SAMPLE_SECONDS} s (shared library pages count once per process); PSS: the summed "
         "proportional set size of the same tree (shared pages split among the processes mapping them).", "",

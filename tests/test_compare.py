@@ -14,6 +14,8 @@ pytestmark = pytest.mark.simulation
 def test_experiment_files_are_valid_and_errors_name_the_problem(tmp_path):
     full = Experiment.load(EXPERIMENTS / "personalization.toml")
     assert {"local", "fedavg", "dual", "ditto", "fedsa", "domain", "fedavg-ft"} <= set(full.methods)
+    for path in EXPERIMENTS.glob("*.toml"):  # every shipped experiment loads, and keeps the two bars
+        assert {"local", "fedavg"} <= set(Experiment.load(path).methods), path
     bad = tmp_path / "bad.toml"
     bad.write_text('users = 2\nrounds = 1\nmethods = ["fedavg", "magic"]\n')
     with pytest.raises(ValueError, match="unknown methods \\['magic'\\]"):
