@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.adapters import attach_adapter, lora_config  # noqa: E402
 from shared.compression.measure import peak_rss_subprocess  # noqa: E402
+from shared.memory import peak_rss_bytes  # noqa: E402
 from shared.compression.pipeline import build_compressed_base  # noqa: E402
 from shared.compression.recipe import Recipe, load_recipe  # noqa: E402
 from shared.compression.report import load_report  # noqa: E402
@@ -83,27 +84,9 @@ def _machine() -> dict[str, Any]:
 # --- measured in fresh processes ---------------------------------------------------------------------
 
 
-def _vm_hwm() -> int:
-    """This process's peak resident set in bytes: VmHWM of /proc/self/status (Linux), else ru_maxrss.
-
-    Not ``getrusage(RUSAGE_SELF).ru_maxrss`` on Linux: a process started by fork (or vfork) + exec
-    inherits the parent's high-water mark in it, so a child of a big parent reports the parent's peak.
-    VmHWM belongs to the address space exec created, so it is the child's own.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
 def imports_only() -> dict[str, float]:
     """The baseline: a process that imported this module (torch, transformers, peft) and did nothing."""
-    return {"peak_rss": _vm_hwm()}
+    return {"peak_rss": peak_rss_bytes()}
 
 
 def training_steps(folder: str, full: bool) -> dict[str, float]:
@@ -130,7 +113,7 @@ def training_steps(folder: str, full: bool) -> dict[str, float]:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
     # The fastest step after the first: on a machine shared with other jobs the mean mostly measures them.
-    return {"step_seconds": min(times[1:]), "trainable": sum(p.numel() for p in parameters), "peak_rss": _vm_hwm()}
+    return {"step_seconds": min(times[1:]), "trainable": sum(p.numel() for p in parameters), "peak_rss": peak_rss_bytes()}
 
 
 def interleaved_step_times(folders: list[str], rounds: int = 3) -> list[float]:
@@ -163,7 +146,7 @@ def interleaved_step_times(folders: list[str], rounds: int = 3) -> list[float]:
 
 
 def measure_training(folder: Path, full: bool = False) -> dict[str, float]:
-    result, _ = peak_rss_subprocess(training_steps, str(folder), full)  # a fresh process; see _vm_hwm
+    result, _ = peak_rss_subprocess(training_steps, str(folder), full)  # a fresh process; see shared.memory
     return result
 
 

@@ -10,7 +10,6 @@ message pays a process start.
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from client.runtime import (AdapterSession, adapter_session, device_config, requ
 from shared.adapters import adapter_state, load_arrays, to_arrays
 from shared.config import FederationConfig
 from shared.data import UserData
+from shared.memory import peak_rss_bytes
 from shared.methods import PERSONAL, SHARED, Method, method
 from shared.training import TokenBlocks, evaluate, proximal_penalty, train_adapter
 
@@ -162,8 +162,7 @@ def train(msg: Message, context: Context) -> Message:
         "eval-accuracy": after["accuracy"],
         "eval-tokens": after["tokens"],
         "seconds": time.perf_counter() - started,
-        # this process's peak resident memory so far (Linux reports KiB)
-        "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak-rss-mb": peak_rss_bytes() / 2**20,  # this process's own peak so far
     })
     return Message(RecordDict({"arrays": _shared_arrays(job), "metrics": metrics, "identity": _identity(job)}),
                    reply_to=msg)

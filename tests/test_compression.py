@@ -304,6 +304,13 @@ def test_peak_rss_subprocess_sees_the_workload() -> None:
     assert peak > 500 * 2**20
 
 
+def test_peak_rss_subprocess_is_the_childs_own_not_its_parents() -> None:
+    # ru_maxrss would report this process's peak in a fork+exec child; VmHWM is the child's own
+    ballast = b"\x01" * (900 * 2**20)
+    _, peak = peak_rss_subprocess(len, b"")
+    assert len(ballast) and peak < 800 * 2**20
+
+
 # --- distill ------------------------------------------------------------------------------------------
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import resource
-import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -15,10 +13,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from shared.memory import peak_rss_bytes
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 INDEX_BYTES = 4  # int32 column indices and row pointers in CSR
-# getrusage reports ru_maxrss in KiB on Linux and in bytes on macOS.
-RSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 
 def parameter_count(model: nn.Module, unique: bool = True) -> int:
@@ -82,7 +80,7 @@ def perplexity(model: nn.Module, token_blocks: torch.Tensor | Sequence[torch.Ten
 
 def _run_measured(target: Callable[..., Any], args: tuple) -> tuple[Any, int]:
     result = target(*args)
-    return result, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * RSS_UNIT
+    return result, peak_rss_bytes()
 
 
 def peak_rss_subprocess(target: Callable[..., Any], *args: Any) -> tuple[Any, int]:
