@@ -39,6 +39,7 @@ from deploy.common import (
     flwr,
     format_config,
     json_output,
+    parse_config,
     stop_process,
     wait_for_port,
 )
@@ -272,6 +273,25 @@ def submit_run(settings: Settings, run_config: dict[str, object] | str | None = 
     return str(payload["run-id"])
 
 
+def with_base(run_config: str, base: str) -> str:
+    """The run config with ``base-model`` set to ``base`` unless the operator named one already."""
+    values = parse_config(run_config) if run_config else {}
+    values.setdefault("base-model", base)
+    return format_config(values)
+
+
+def prepare_base(spec: str) -> str:
+    """The folder of the base the run announces (a compressed base is built once, then cached).
+
+    Devices must hold a byte-identical copy: the ServerApp announces its content hash and a client
+    refuses to train on anything else. Ship this folder to them; do not rebuild it on a device (the
+    compression healing is time-budgeted, so two builds differ).
+    """
+    from shared.base_model import materialize_base  # heavy imports only for this command
+
+    return str(materialize_base(spec))
+
+
 def run_status(settings: Settings, run_id: str) -> str:
     """Flower's status of a run, e.g. ``running``, ``finished:completed``, ``finished:failed``."""
     payload = json_output(flwr(["list", settings.connection, "--run-id", str(run_id), "--format", "json"],
@@ -334,6 +354,9 @@ def _parser() -> argparse.ArgumentParser:
     run = command("run", "submit the fedgraft app; prints the run id")
     run.add_argument("--app", type=Path, default=PROJECT_ROOT, help="the Flower app folder (default: this project)")
     run.add_argument("--run-config", default="", help="'key=value ...' overrides, see docs/run-config.md")
+    run.add_argument("--base", default="compressed",
+                     help="the base the run announces unless --run-config names base-model: 'compressed' (default, "
+                          "built once and cached), 'smollm2' (the teacher), a folder or a .gguf")
     run.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 0 only if it completed")
     run.add_argument("--timeout", type=float, default=6 * 3600, help="seconds --wait waits")
 
@@ -374,7 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "nodes":
             print(json.dumps(list_nodes(settings), indent=2))
         elif args.command == "run":
-            run_id = submit_run(settings, args.run_config or None, args.app)
+            run_config = args.run_config
+            if "base-model" not in parse_config(run_config or ""):
+                base = prepare_base(args.base)
+                print(f"base model: {base} (devices need a byte-identical copy of this folder)", file=sys.stderr)
+                run_config = with_base(run_config, base)
+            run_id = submit_run(settings, run_config, args.app)
             print(run_id, flush=True)
             if args.wait:
                 status = wait_for_run(settings, run_id, args.timeout)
