@@ -12,25 +12,15 @@ from server.ledger import Ledger
 from simulations.run import SimulationError, run_simulation
 
 pytestmark = pytest.mark.simulation
-ROUNDS, USERS = 3, 2
+ROUNDS, USERS = 5, 2  # rounds enough that a kill after round 1 lands before the last one
 
 
-def kill_server_after_round(ledger_url: str, flwr_home: str, number: int, deadline: float) -> list[int]:
-    """Wait until round ``number`` is committed, then SIGKILL the process running our ServerApp.
+def server_processes(flwr_home: str) -> list[psutil.Process]:
+    """The processes running our ServerApp: in simulation it runs inside ``flwr-simulation``.
 
-    In simulation the ServerApp runs inside ``flwr-simulation``; only processes of this test's own
-    Flower home are touched.
+    Only processes of this test's own Flower home are matched.
     """
-    while time.monotonic() < deadline:
-        try:
-            with Ledger(ledger_url, read_only=True) as ledger:
-                runs = ledger.runs()
-                if runs and any(r.number == number and r.finished_at for r in ledger.rounds(runs[-1].id)):
-                    break
-        except Exception:  # the ledger file may not exist yet
-            pass
-        time.sleep(0.5)
-    killed = []
+    found = []
     for process in psutil.process_iter(["cmdline"]):
         try:
             ours = process.environ().get("FLWR_HOME") == flwr_home
@@ -38,8 +28,38 @@ def kill_server_after_round(ledger_url: str, flwr_home: str, number: int, deadli
             continue
         if ours and any(name in part for part in (process.info["cmdline"] or [])
                         for name in ("flwr-simulation", "flwr-serverapp")):
+            found.append(process)
+    return found
+
+
+def round_committed(ledger_url: str, number: int) -> bool:
+    try:
+        with Ledger(ledger_url, read_only=True) as ledger:
+            runs = ledger.runs()
+            return bool(runs) and any(r.number == number and r.finished_at for r in ledger.rounds(runs[-1].id))
+    except Exception:  # the ledger file may not exist yet
+        return False
+
+
+def kill_server_after_round(ledger_url: str, flwr_home: str, number: int, deadline: float) -> list[int]:
+    """Wait until round ``number`` is committed, then SIGKILL the process running our ServerApp.
+
+    The processes are found before the round ends and the ledger is polled often, so the kill lands
+    right after the commit: scanning every process only then let fast rounds finish the whole run.
+    """
+    targets: list[psutil.Process] = []
+    while time.monotonic() < deadline and not targets:
+        targets = server_processes(flwr_home)
+        time.sleep(0.05)
+    while time.monotonic() < deadline and not round_committed(ledger_url, number):
+        time.sleep(0.05)
+    killed = []
+    for process in targets + [p for p in server_processes(flwr_home) if p not in targets]:
+        try:
             process.kill()
             killed.append(process.pid)
+        except psutil.NoSuchProcess:
+            continue
     return killed
 
 
@@ -62,7 +82,7 @@ def test_killed_server_resumes_from_the_last_committed_round(tiny_base, tmp_path
     with Ledger(ledger_url, read_only=True) as ledger:
         (crashed,) = ledger.runs()
         done_before = [r.number for r in ledger.rounds(crashed.id) if r.finished_at]
-    assert crashed.status in ("running", "failed") and 1 in done_before and ROUNDS not in done_before
+    assert crashed.status in ("running", "failed") and 1 in done_before and ROUNDS not in done_before, done_before
 
     result = run_simulation(USERS, {**run_config, "resume-run": crashed.id}, tmp_path / "second", timeout=400)
     with Ledger(ledger_url, read_only=True) as ledger:
