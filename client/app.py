@@ -80,9 +80,7 @@ def keep_received_shared(job: Job) -> None:
 
 def score_user_model(job: Job) -> dict[str, float]:
     """Held-out scores of the model this method gives the user (see the table in shared/methods.py)."""
-    personal = job.method.personal
-    active = {"none": [SHARED], "b-matrices": [SHARED], "stacked": [SHARED, PERSONAL]}.get(personal, [PERSONAL])
-    job.session.use(active, trainable=[])
+    job.session.use(job.method.user_adapters, trainable=[])
     return evaluate(job.session.model, job.test_blocks, job.config.batch_size)
 
 

@@ -34,11 +34,6 @@ from shared.training import evaluate, tokenize_blocks
 
 console = Console()
 
-# Which saved adapters make up a user's model, per kind of personal state (see shared/methods.py).
-USER_MODEL = {"none": [SHARED], "b-matrices": [SHARED], "stacked": [SHARED, PERSONAL],
-              "alone": [PERSONAL], "finetune": [PERSONAL]}
-
-
 class NoSavedAdapter(FileNotFoundError):
     """The state folder holds no adapter for this user."""
 
@@ -55,9 +50,11 @@ class PersonalModel:
 
     def use(self, adapters: list[str] | None) -> None:
         """Make these adapters active (None: the base alone, adapters disabled)."""
-        self.model.base_model.enable_adapter_layers() if adapters else self.model.base_model.disable_adapter_layers()
         if adapters:
+            self.model.base_model.enable_adapter_layers()
             self.model.base_model.set_adapter(adapters)
+        else:
+            self.model.base_model.disable_adapter_layers()
 
 
 def read_tags(folder: Path) -> dict[str, dict]:
@@ -92,7 +89,7 @@ def load_personal_model(folder: Path, base: str | None = None, dtype: str | None
     for adapter in saved[1:]:
         peft_model.load_adapter(folder / adapter, adapter_name=adapter)
     peft_model.eval()
-    wanted = USER_MODEL[method(newest.get("method", "fedavg")).personal]
+    wanted = method(newest.get("method", "fedavg")).user_adapters
     adapters = [adapter for adapter in wanted if adapter in saved] or saved
     return PersonalModel(peft_model, load_tokenizer(base), adapters, saved, newest)
 

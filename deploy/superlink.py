@@ -273,13 +273,6 @@ def submit_run(settings: Settings, run_config: dict[str, object] | str | None = 
     return str(payload["run-id"])
 
 
-def with_base(run_config: str, base: str) -> str:
-    """The run config with ``base-model`` set to ``base`` unless the operator named one already."""
-    values = parse_config(run_config) if run_config else {}
-    values.setdefault("base-model", base)
-    return format_config(values)
-
-
 def prepare_base(spec: str) -> str:
     """The folder of the base the run announces (a compressed base is built once, then cached).
 
@@ -397,11 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "nodes":
             print(json.dumps(list_nodes(settings), indent=2))
         elif args.command == "run":
-            run_config = args.run_config
-            if "base-model" not in parse_config(run_config or ""):
-                base = prepare_base(args.base)
-                print(f"base model: {base} (devices need a byte-identical copy of this folder)", file=sys.stderr)
-                run_config = with_base(run_config, base)
+            run_config = parse_config(args.run_config)
+            if "base-model" not in run_config:  # announce the compressed base unless the operator named one
+                run_config["base-model"] = prepare_base(args.base)
+                print(f"base model: {run_config['base-model']} (devices need a byte-identical copy of this folder)",
+                      file=sys.stderr)
             run_id = submit_run(settings, run_config, args.app)
             print(run_id, flush=True)
             if args.wait:

@@ -42,6 +42,11 @@ class Method:
     def sends_arrays(self) -> bool:
         return self.shares != "none"
 
+    @property
+    def user_adapters(self) -> list[str]:
+        """The adapters active in a user's model under this method (the last column of the table above)."""
+        return {"none": [SHARED], "b-matrices": [SHARED], "stacked": [SHARED, PERSONAL]}.get(self.personal, [PERSONAL])
+
     def shared_key(self, key: str) -> bool:
         """Whether an adapter tensor (peft state-dict key) travels under this method."""
         return self.shares == "all" or (self.shares == "lora_A" and "lora_A" in key)
