@@ -25,7 +25,7 @@ from shared.config import FederationConfig
 from shared.data import UserData
 from shared.memory import peak_rss_bytes
 from shared.methods import PERSONAL, SHARED, Method, method
-from shared.training import TokenBlocks, evaluate, proximal_penalty, train_adapter
+from shared.training import TokenBlocks, evaluate, hold_out, proximal_penalty, train_adapter
 
 app = ClientApp()
 
@@ -105,8 +105,12 @@ def train_personal(job: Job, steps: int) -> dict[str, float]:
         shared = job.session.parameters_of(SHARED)
         penalty = proximal_penalty(job.session.parameters_of(PERSONAL), {k: p.detach().clone() for k, p in shared.items()},
                                    job.config.ditto_lambda)
-    return train_adapter(job.session.model, job.train_blocks, steps, job.config.batch_size, job.config.learning_rate,
-                         seed=job.config.seed + 7919 * (job.round + 1), penalty=penalty)
+    # With validation-fraction > 0 the personal adapter fits on part of the user's blocks and keeps its
+    # best checkpoint on the rest: the shared adapter still trains on all of them.
+    fit, validation = hold_out(job.train_blocks, job.config.validation_fraction, seed=job.config.seed)
+    return train_adapter(job.session.model, fit, steps, job.config.batch_size, job.config.learning_rate,
+                         seed=job.config.seed + 7919 * (job.round + 1), penalty=penalty, validation=validation,
+                         validate_every=job.config.validate_every)
 
 
 def _tags(job: Job) -> dict[str, object]:
@@ -146,9 +150,11 @@ def train(msg: Message, context: Context) -> Message:
         stats = train_shared(job)
     if job.method.personal in ("stacked", "alone"):
         steps = job.config.local_steps if job.method.name == "local" else job.config.personal_steps
-        personal_stats = train_personal(job, steps)
+        personal = train_personal(job, steps)
         if not job.method.sends_arrays:
-            stats = personal_stats
+            stats = {"train-loss": personal["train-loss"], "train-steps": personal["train-steps"]}
+        if "best-step" in personal:
+            stats["personal-best-step"] = personal["best-step"]
     after = score_user_model(job)
     save_private_state(job)
     metrics = MetricRecord({
@@ -173,12 +179,16 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context)
     with job.session.model.disable_adapter():
         base = evaluate(job.session.model, job.test_blocks, job.config.batch_size)
+    tuning: dict[str, float] = {}
     if job.method.personal == "finetune":  # fedavg-ft: the user tunes a copy of the global adapter
         copy_adapter(job.session.model, SHARED, PERSONAL)
-        train_personal(job, job.config.personal_steps)
+        personal = train_personal(job, job.config.personal_steps)
+        if "best-step" in personal:
+            tuning["personal-best-step"] = personal["best-step"]
         save_private_state(job)
     adapted = score_user_model(job)
     metrics = MetricRecord({
+        **tuning,
         "num-examples": len(job.test_blocks),
         "base-loss": base["loss"],
         "base-perplexity": base["perplexity"],

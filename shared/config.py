@@ -46,6 +46,8 @@ class FederationConfig:
     method: str = "fedavg"
     aggregation: str = "fedavg"
     personal_steps: int = 12
+    validation_fraction: float = 0.0
+    validate_every: int = 2
     ditto_lambda: float = 0.1
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
@@ -94,12 +96,12 @@ class FederationConfig:
         """Range and choice checks; raises ConfigError naming the key."""
         positive = ("num_server_rounds", "min_train_nodes", "lora_r", "lora_alpha", "local_steps", "batch_size",
                     "seq_len", "max_eval_blocks", "min_speeches", "node_wait_seconds", "round_timeout",
-                    "learning_rate", "max_update_mb")
+                    "learning_rate", "max_update_mb", "validate_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_key(name)} must be > 0, got {getattr(self, name)!r}")
         for name, low, high in (("fraction_train", 0.0, 1.0), ("lora_dropout", 0.0, 0.99), ("test_fraction", 0.01, 0.99),
-                                ("domain_mix", 0.0, 1.0)):
+                                ("domain_mix", 0.0, 1.0), ("validation_fraction", 0.0, 0.5)):
             value = getattr(self, name)
             if not low <= value <= high or (name in ("fraction_train", "domain_mix") and value == 0):
                 raise ConfigError(f"{_key(name)} must be in ({low}, {high}], got {value!r}")

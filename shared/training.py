@@ -69,6 +69,39 @@ def batches(blocks: TokenBlocks, batch_size: int, steps: int, seed: int):
         yield blocks.select(indices)
 
 
+def hold_out(blocks: TokenBlocks, fraction: float, seed: int = 0) -> tuple[TokenBlocks, TokenBlocks | None]:
+    """(fit, validation): a seeded random ``fraction`` of the blocks set aside, at least one on each side.
+
+    Returns ``(blocks, None)`` when ``fraction`` is 0 or there are fewer than two blocks.
+    """
+    if fraction <= 0 or len(blocks) < 2:
+        return blocks, None
+    held = min(max(round(len(blocks) * fraction), 1), len(blocks) - 1)
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    return blocks.select(order[held:].sort().values), blocks.select(order[:held].sort().values)
+
+
+class BestCheckpoint:
+    """The trainable parameters at the step with the lowest validation loss seen so far."""
+
+    def __init__(self, model: torch.nn.Module, parameters: list[torch.nn.Parameter], validation: TokenBlocks,
+                 batch_size: int):
+        self.model, self.parameters, self.validation, self.batch_size = model, parameters, validation, batch_size
+        self.loss, self.step, self.state = math.inf, 0, [p.detach().clone() for p in parameters]
+
+    def consider(self, step: int) -> None:
+        loss = evaluate(self.model, self.validation, self.batch_size)["loss"]
+        self.model.train()
+        if loss < self.loss:
+            self.loss, self.step = loss, step
+            self.state = [p.detach().clone() for p in self.parameters]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for parameter, saved in zip(self.parameters, self.state):
+                parameter.copy_(saved)
+
+
 def train_adapter(
     model: torch.nn.Module,
     blocks: TokenBlocks,
@@ -77,17 +110,29 @@ def train_adapter(
     learning_rate: float,
     seed: int = 0,
     penalty: Callable[[], torch.Tensor] | None = None,
+    validation: TokenBlocks | None = None,
+    validate_every: int = 1,
 ) -> dict[str, float]:
     """Train the model's trainable (adapter) parameters with AdamW; returns mean loss and steps.
 
     ``penalty`` adds a regulariser to each step's loss (FedProx's and Ditto's proximal terms); the
     reported loss is the language-model loss alone.
+
+    With ``validation`` blocks the parameters are scored on them before the first step, every
+    ``validate_every`` steps and after the last, and the best-scoring ones are restored at the end
+    (early stopping by checkpoint: a user's few speeches overfit within a few dozen steps). Step 0
+    counts, so training never leaves the adapter worse on validation than it found it.
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError("the model has no trainable parameters (is an adapter attached?)")
+    if validate_every < 1:
+        raise ValueError(f"validate_every must be >= 1, got {validate_every}")
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     model.train()
+    best = BestCheckpoint(model, parameters, validation, batch_size) if validation is not None else None
+    if best is not None:
+        best.consider(0)
     losses = []
     for batch in batches(blocks, batch_size, steps, seed):
         output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
@@ -98,8 +143,14 @@ def train_adapter(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(output.loss.item())
+        if best is not None and (len(losses) % validate_every == 0 or len(losses) == steps):
+            best.consider(len(losses))
     model.eval()
-    return {"train-loss": sum(losses) / len(losses), "train-steps": float(len(losses))}
+    stats = {"train-loss": sum(losses) / len(losses), "train-steps": float(len(losses))}
+    if best is not None:
+        best.restore()
+        stats.update({"best-step": float(best.step), "validation-loss": best.loss})
+    return stats
 
 
 def proximal_penalty(parameters: dict[str, torch.nn.Parameter], anchor: dict[str, torch.Tensor],

@@ -13,11 +13,12 @@ from peft import PeftModel
 
 from client import app as client_app
 from client.personal import StalePersonalAdapter, user_folder
-from client.runtime import adapter_session
+from client.runtime import adapter_session, user_blocks, user_for_node
 from shared.adapters import adapter_state, attach_adapter, lora_config, to_arrays
 from shared.base_model import load_model
 from shared.config import FederationConfig
 from shared.methods import PERSONAL, SHARED
+from shared.training import evaluate, hold_out
 
 LINES = ["Fair is foul, and foul is fair.", "When shall we three meet again?", "All the world's a stage.",
          "To be, or not to be, that is the question.", "If music be the food of love, play on."] * 6
@@ -187,3 +188,21 @@ def test_use_refuses_adapters_of_another_base_and_says_what_is_missing(device, t
     tag.write_text(json.dumps({**json.loads(tag.read_text()), "base_hash": "0" * 64}))
     with pytest.raises(StalePersonalAdapter, match="trained on base 000000000000"):
         use.load_personal_model(user_folder(device["state"], "me"))
+
+
+def test_fedavg_ft_with_validation_never_leaves_the_user_worse_than_the_global_adapter_on_it(device):
+    # A learning rate high enough to overfit: without validation the tuned copy can end anywhere.
+    config = run_config(device, "fedavg-ft", **{"validation-fraction": 0.3, "validate-every": 1,
+                                                "personal-steps": 6, "learning-rate": 0.3})
+    reply = send(client_app.evaluate_adapter, config, device, global_arrays(config))
+    metrics = reply.content["metrics"]
+    assert 0 <= metrics["personal-best-step"] <= 6
+    session = adapter_session(FederationConfig.from_run_config(config))
+    settings = FederationConfig.from_run_config(config)
+    user = user_for_node({"data-path": str(device["data"])}, settings)
+    train_blocks, _ = user_blocks(user, session.tokenizer, settings)
+    validation = hold_out(train_blocks, 0.3, seed=settings.seed)[1]
+    session.use([SHARED], trainable=[])
+    global_loss = evaluate(session.model, validation)["loss"]
+    session.use([PERSONAL], trainable=[])
+    assert evaluate(session.model, validation)["loss"] <= global_loss + 1e-6

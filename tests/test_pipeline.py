@@ -91,6 +91,7 @@ def test_default_recipe_is_valid_and_names_public_plays() -> None:
         ("[magnitude]\nsparsity = 1.0\n", "magnitude.sparsity"),
         ("[magnitude]\nmodules = ['q_proj', 'qkv']\n", "magnitude.modules[1]"),
         ("[output]\ndtype = 'int4'\n", "output.dtype"),
+        ("[vocab]\nword_forms = ['lower', 'title']\n", "vocab.word_forms[1]"),
         ("public_plays = ['hamlet', 'not-a-play']\n", "public_plays"),
         ("public_plays = 'hamlet'\n", "public_plays"),
         ("heal = 3\n", "'heal'"),
@@ -281,6 +282,17 @@ def test_heal_stops_at_the_time_budget(tiny_base: Path) -> None:
     blocks = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(0))
     stats = heal(model, blocks, recipe, time_budget_s=0.5)
     assert stats["stopped_by"] == "time_budget" and 0 < stats["steps_done"] < 10_000
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_heal_can_keep_the_teachers_embedding(tiny_base: Path, freeze: bool) -> None:
+    recipe = tiny_recipe(tiny_base, heal={"steps": 3, "kd_alpha": 0.0, "freeze_embeddings": freeze})
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    block = copy.deepcopy(model.model.layers[0].mlp.up_proj.weight.detach())
+    heal(model, torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(0)), recipe)
+    assert torch.equal(model.get_input_embeddings().weight, embedding) == freeze
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, block)  # the blocks still train
 
 
 def test_perplexity_per_teacher_token_is_fair(tiny_base: Path) -> None:

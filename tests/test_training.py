@@ -5,7 +5,7 @@ import torch
 from shared.adapters import attach_adapter, lora_config
 from shared.base_model import load_model, load_tokenizer
 from shared.config import FederationConfig
-from shared.training import IGNORE_INDEX, evaluate, tokenize_blocks, train_adapter
+from shared.training import IGNORE_INDEX, evaluate, hold_out, tokenize_blocks, train_adapter
 
 TEXTS = ["Fair is foul, and foul is fair.", "When shall we three meet again?", "All the world's a stage."] * 8
 
@@ -52,3 +52,49 @@ def test_training_the_adapter_lowers_held_in_loss_and_leaves_the_base_alone(tiny
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             assert torch.equal(parameter, base_before[name]), name
+
+
+def test_hold_out_splits_the_blocks_into_two_disjoint_seeded_parts(tiny_base):
+    blocks = tokenize_blocks(load_tokenizer(str(tiny_base)), TEXTS, seq_len=8)
+    fit, validation = hold_out(blocks, 0.25, seed=3)
+    assert len(validation) == round(len(blocks) * 0.25) and len(fit) + len(validation) == len(blocks)
+    rows = {tuple(row) for row in blocks.input_ids.tolist()}
+    assert {tuple(r) for r in fit.input_ids.tolist()} | {tuple(r) for r in validation.input_ids.tolist()} == rows
+    again = hold_out(blocks, 0.25, seed=3)[1]
+    assert torch.equal(again.input_ids, validation.input_ids)
+    assert not torch.equal(hold_out(blocks, 0.25, seed=4)[1].input_ids, validation.input_ids)
+    assert hold_out(blocks, 0.0) == (blocks, None)
+    one = blocks.select([0])
+    assert hold_out(one, 0.5)[1] is None  # nothing left to fit on: no validation
+    assert len(hold_out(blocks.select([0, 1]), 0.01)[1]) == 1  # at least one block each side
+
+
+def _adapted(tiny_base):
+    torch.manual_seed(0)
+    return attach_adapter(load_model(str(tiny_base)), lora_config(FederationConfig(lora_r=4, lora_dropout=0.0)))
+
+
+def test_early_stopping_restores_the_checkpoint_with_the_lowest_validation_loss(tiny_base):
+    tokenizer = load_tokenizer(str(tiny_base))
+    fit = tokenize_blocks(tokenizer, TEXTS, seq_len=16)
+    validation = tokenize_blocks(tokenizer, ["Tomorrow, and tomorrow, and tomorrow, creeps in this petty pace."] * 3, 16)
+    # The same run without validation gives the loss after the last step (training is deterministic).
+    plain = _adapted(tiny_base)
+    start = evaluate(plain, validation)["loss"]
+    train_adapter(plain, fit, steps=12, batch_size=4, learning_rate=5e-2)
+    end = evaluate(plain, validation)["loss"]
+    assert start != end
+
+    ends_only = _adapted(tiny_base)
+    stats = train_adapter(ends_only, fit, steps=12, batch_size=4, learning_rate=5e-2, validation=validation,
+                          validate_every=12)
+    assert stats["best-step"] == (0 if start < end else 12)
+    assert math.isclose(evaluate(ends_only, validation)["loss"], min(start, end), rel_tol=1e-6)
+
+    every_step = _adapted(tiny_base)
+    stats = train_adapter(every_step, fit, steps=12, batch_size=4, learning_rate=5e-2, validation=validation,
+                          validate_every=1)
+    kept = evaluate(every_step, validation)["loss"]
+    assert math.isclose(kept, stats["validation-loss"], rel_tol=1e-6)
+    assert kept <= min(start, end) + 1e-9
+    assert stats["train-steps"] == 12 and stats["best-step"] < 12  # not the last step: restoring matters

@@ -12,7 +12,7 @@ from tiny import SAMPLE_TEXT, build_model, build_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from shared.compression.vocab import trim_vocabulary, used_token_ids
+from shared.compression.vocab import trim_vocabulary, used_token_ids, word_form_ids
 
 LINES = list(dict.fromkeys(SAMPLE_TEXT))
 CORPUS = LINES[:3]  # the Macbeth lines; the others hold words the trimmed vocabulary lacks
@@ -247,3 +247,21 @@ def test_trims_smollm2_to_shakespeare() -> None:
         new_logits = new_model(snippet).logits
         old_logits = model(torch.tensor(kept)[snippet]).logits
     torch.testing.assert_close(new_logits, old_logits[..., kept], rtol=1e-4, atol=1e-4)
+
+
+def test_word_forms_keep_every_spelling_of_the_corpus_words() -> None:
+    model, tokenizer = build_base(tied=True)
+    forms = ["as-is", "lower", "capitalized"]
+    spellings = [prefix + form(word) for word in "When shall we three meet again Fair foul".split()
+                 for form in (str, str.lower, str.capitalize) for prefix in ("", " ")]
+    plain = trim_vocabulary(model, tokenizer, used_token_ids(tokenizer, CORPUS))[1]
+    with_forms = trim_vocabulary(model, tokenizer, used_token_ids(tokenizer, CORPUS)
+                                 | word_form_ids(tokenizer, CORPUS, forms))[1]
+
+    def tokens(t: PreTrainedTokenizerFast, text: str) -> list[str]:
+        return t.convert_ids_to_tokens(t(text, add_special_tokens=False)["input_ids"])
+
+    assert all(tokens(with_forms, text) == tokens(tokenizer, text) for text in spellings)
+    assert any(tokens(plain, text) != tokens(tokenizer, text) for text in spellings)  # the forms added something
+    with pytest.raises(ValueError, match="unknown word forms"):
+        word_form_ids(tokenizer, CORPUS, ["title"])

@@ -73,7 +73,7 @@ from shared.compression.quantize import cast_base
 from shared.compression.recipe import Recipe, RecipeError, canonical_json, load_recipe
 from shared.compression.report import REPORT_JSON, REPORT_MD, render_markdown
 from shared.compression.sharing import share_layers
-from shared.compression.vocab import trim_vocabulary, used_token_ids
+from shared.compression.vocab import trim_vocabulary, used_token_ids, word_form_ids
 
 PIPELINE_VERSION = 1  # bump when the build changes what a recipe produces: old cache entries then miss
 RECIPE_FILE = "recipe.toml"
@@ -580,6 +580,10 @@ def heal(
     settings = recipe.heal
     budget = settings.time_budget_s if time_budget_s is None else time_budget_s
     student.requires_grad_(True)
+    if settings.freeze_embeddings:
+        for embedding in (student.get_input_embeddings(), student.get_output_embeddings()):
+            if embedding is not None:
+                embedding.weight.requires_grad_(False)
     student.train()
     parameters = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -787,6 +791,8 @@ def _build(recipe: Recipe, key: str, out: Path, cache_dir: Path, progress: _Prog
     if recipe.vocab.trim:
         with _stage(timings, "vocab", progress, "trimming the vocabulary to the public text's tokens"):
             used = used_token_ids(teacher_tokenizer, public)
+            word_forms = word_form_ids(teacher_tokenizer, public, recipe.vocab.word_forms) - used
+            used |= word_forms
             teacher, student_tokenizer, kept = trim_vocabulary(teacher, teacher_tokenizer, used)
             size = max(max(kept), int(blocks.max()) if blocks is not None else 0) + 1
             old_to_new = torch.full((size,), -1, dtype=torch.long)
@@ -798,7 +804,9 @@ def _build(recipe: Recipe, key: str, out: Path, cache_dir: Path, progress: _Prog
             client_all = _client_pool(recipe)
             before_tokens = count_tokens(teacher_tokenizer, client_all)
             after_tokens = count_tokens(student_tokenizer, client_all)
-        techniques.append({"technique": "vocab", "used_ids": len(used), "kept_ids": len(kept),
+        techniques.append({"technique": "vocab", "used_ids": len(used) - len(word_forms),
+                           "word_forms": list(recipe.vocab.word_forms), "word_form_ids": len(word_forms),
+                           "kept_ids": len(kept),
                            "teacher_vocab": report["teacher"]["vocab_size"],
                            "client_texts": len(client_all), "client_tokens_teacher": before_tokens,
                            "client_tokens_student": after_tokens,

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.compression.layers import LAYER_SELECTIONS, LINEAR_NAMES, MLP_LINEARS
+from shared.compression.vocab import WORD_FORMS
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "default.toml"
@@ -69,9 +70,15 @@ def _field(default: Any = None, *, factory: Any = None, **meta: Any) -> Any:
 
 @dataclass(frozen=True)
 class VocabSection:
-    """Trim the vocabulary to the token ids the public text uses (plus what BPE needs to stay whole)."""
+    """Trim the vocabulary to the token ids the public text uses (plus what BPE needs to stay whole).
+
+    ``word_forms``: also keep the tokens of every public word written in these forms (``as-is``,
+    ``lower``, ``capitalized``, ``upper``), each with and without a leading space, so that client
+    text that uses a public word in another position (sentence start, after a dash) keeps its tokens.
+    """
 
     trim: bool = False
+    word_forms: tuple[str, ...] = _field(factory=tuple, choices=WORD_FORMS)
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,8 @@ class HealSection:
     ``time_budget_s`` is exceeded, whichever comes first. ``autocast`` runs the student's
     forward and backward under bfloat16 autocast (fp32 weights and optimizer); ``teacher_dtype`` is the
     dtype of the distillation teacher's weights (bfloat16: faster forward passes on CPU).
+    ``freeze_embeddings`` keeps the (tied) embedding and output head as the teacher had them: the
+    public text never names most of the client tokens, and training the head on it only pushes them down.
     """
 
     steps: int = _field(0, min=0)
@@ -162,6 +171,7 @@ class HealSection:
     hidden_weight: float = _field(0.0, min=0.0)
     autocast: bool = False
     teacher_dtype: str = _field("float32", choices=OUTPUT_DTYPES)
+    freeze_embeddings: bool = False
     eval_blocks: int = _field(16, min=1)
 
     @property

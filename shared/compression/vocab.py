@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from typing import Any
@@ -40,6 +41,9 @@ import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+WORD_FORMS = ("as-is", "lower", "capitalized", "upper")
+_WORD = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*")
+_FORMS = {"as-is": lambda word: word, "lower": str.lower, "capitalized": str.capitalize, "upper": str.upper}
 SPECIAL_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "decoder_start_token_id")
 
 
@@ -51,6 +55,20 @@ def used_token_ids(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], bat
         for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
             used.update(ids)
     return used
+
+
+def word_form_ids(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], forms: Iterable[str]) -> set[int]:
+    """The ids of every word of ``texts`` written in each of ``forms`` (``WORD_FORMS``), alone and after a space.
+
+    A byte-level BPE has one token for "Love" at a line start and another for " love" mid-line; the
+    text a vocabulary is taken from shows each word in only some of those spellings.
+    """
+    unknown = sorted(set(forms) - set(WORD_FORMS))
+    if unknown:
+        raise ValueError(f"unknown word forms {unknown}: expected some of {list(WORD_FORMS)}")
+    words = {word for text in texts for word in _WORD.findall(text)}
+    spellings = {_FORMS[form](word) for form in forms for word in words}
+    return used_token_ids(tokenizer, sorted(spellings | {" " + spelled for spelled in spellings}))
 
 
 def trim_vocabulary(
