@@ -108,7 +108,7 @@ def train_personal(job: Job, steps: int) -> dict[str, float]:
     # With validation-fraction > 0 the personal adapter fits on part of the user's blocks and keeps its
     # best checkpoint on the rest: the shared adapter still trains on all of them.
     fit, validation = hold_out(job.train_blocks, job.config.validation_fraction, seed=job.config.seed)
-    return train_adapter(job.session.model, fit, steps, job.config.batch_size, job.config.learning_rate,
+    return train_adapter(job.session.model, fit, steps, job.config.batch_size, job.config.personal_lr,
                          seed=job.config.seed + 7919 * (job.round + 1), penalty=penalty, validation=validation,
                          validate_every=job.config.validate_every)
 

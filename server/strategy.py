@@ -30,6 +30,8 @@ TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-steps", "eval-lo
                            "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds", "peak-rss-mb"})
 EVALUATE_METRICS = frozenset({"num-examples", "base-loss", "base-perplexity", "base-accuracy", "eval-loss",
                               "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds"})
+# Sent only when personal training keeps its best validation checkpoint (run-config validation-fraction).
+OPTIONAL_METRICS = frozenset({"personal-best-step"})
 OPTIMIZER_PREFIX = "optimizer:"
 MAX_EXAMPLES = 10**9  # a client claiming more is lying about its weight in the average
 
@@ -50,10 +52,10 @@ def wait_for_nodes(grid: Grid, minimum: int, deadline_seconds: float, poll_secon
 
 
 def check_metrics(metrics: Mapping[str, float], expected: frozenset[str]) -> None:
-    """Metric keys must be the expected ones, values finite, and the weight plausible."""
-    if set(metrics) != expected:
+    """Metric keys must be the expected ones (plus any of OPTIONAL_METRICS), values finite, and the weight plausible."""
+    if not expected <= set(metrics) <= expected | OPTIONAL_METRICS:
         raise AdapterUpdateError(f"metric keys differ: missing {sorted(expected - set(metrics))}, "
-                                 f"unexpected {sorted(set(metrics) - expected)}")
+                                 f"unexpected {sorted(set(metrics) - expected - OPTIONAL_METRICS)}")
     for key, value in metrics.items():
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise AdapterUpdateError(f"metric {key!r} is not a finite number: {value!r}")
@@ -276,6 +278,8 @@ class FederatedAdapters(FedAvg):
             num_examples=int(metrics["num-examples"]), metrics=dict(metrics), seconds=float(metrics["seconds"]),
             bytes_up=array_nbytes(arrays) if arrays is not None else 0, bytes_down=self._sent_bytes(node_id, phase),
         )
+        for key in OPTIONAL_METRICS:  # in the ledger only: Flower aggregates a key only if every reply has it
+            metrics.pop(key, None)
         return True
 
     def _checked_metrics(self, reply: Message, phase: str) -> MetricRecord:

@@ -46,6 +46,7 @@ class FederationConfig:
     method: str = "fedavg"
     aggregation: str = "fedavg"
     personal_steps: int = 12
+    personal_learning_rate: float = 0.0
     validation_fraction: float = 0.0
     validate_every: int = 2
     ditto_lambda: float = 0.1
@@ -102,13 +103,13 @@ class FederationConfig:
                 raise ConfigError(f"{_key(name)} must be > 0, got {getattr(self, name)!r}")
         for name, low, high in (("fraction_train", 0.0, 1.0), ("lora_dropout", 0.0, 0.99), ("test_fraction", 0.01, 0.99),
                                 ("domain_mix", 0.0, 1.0), ("validation_fraction", 0.0, 0.5)):
-            value = getattr(self, name)
-            if not low <= value <= high or (name in ("fraction_train", "domain_mix") and value == 0):
-                raise ConfigError(f"{_key(name)} must be in ({low}, {high}], got {value!r}")
+            value, open_low = getattr(self, name), name in ("fraction_train", "domain_mix")
+            if not low <= value <= high or (open_low and value == low):
+                raise ConfigError(f"{_key(name)} must be in {'(' if open_low else '['}{low}, {high}], got {value!r}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{_key(name)} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        for name in ("personal_steps", "ditto_lambda", "proximal_mu", "server_learning_rate"):
+        for name in ("personal_steps", "ditto_lambda", "proximal_mu", "server_learning_rate", "personal_learning_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_key(name)} must be >= 0, got {getattr(self, name)!r}")
         if self.resume_run < 0:
@@ -117,6 +118,11 @@ class FederationConfig:
             raise ConfigError(f"evaluate-every must be >= 0 (0: only after the last round), got {self.evaluate_every}")
         if not self.target_modules:
             raise ConfigError("lora-target-modules must name at least one module, e.g. 'q_proj,v_proj'")
+
+    @property
+    def personal_lr(self) -> float:
+        """The personal adapter's learning rate (``personal-learning-rate``, or ``learning-rate`` when 0)."""
+        return self.personal_learning_rate or self.learning_rate
 
     @property
     def target_modules(self) -> list[str]:

@@ -33,11 +33,19 @@ def test_values_are_coerced_and_read():
         ({"base-dtype": "int3"}, "base-dtype must be one of"),
         ({"learning-rate": float("nan")}, "'learning-rate' expects float"),
         ({"lora-target-modules": " , "}, "lora-target-modules must name"),
+        ({"validation-fraction": 0.7}, "validation-fraction must be in"),
+        ({"validate-every": 0}, "validate-every must be > 0"),
+        ({"personal-learning-rate": -0.1}, "personal-learning-rate must be >= 0"),
     ],
 )
 def test_bad_run_config_is_refused_by_name(run_config, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         FederationConfig.from_run_config(run_config)
+
+
+def test_personal_learning_rate_defaults_to_the_learning_rate():
+    assert FederationConfig(learning_rate=0.003).personal_lr == 0.003
+    assert FederationConfig(learning_rate=0.003, personal_learning_rate=0.01).personal_lr == 0.01
 
 
 def test_evaluate_rounds_always_include_the_last():

@@ -135,7 +135,8 @@ def test_a_reply_with_B_under_fedsa_is_rejected(ledger):
     assert {r.node_id: r.status for r in ledger.client_results(run_id)} == {"11": "ok", "12": "rejected"}
 
 
-@pytest.mark.parametrize("bad", ["nan", "shape", "keys", "weight", "metric-nan", "oversized"])
+@pytest.mark.parametrize("bad", ["nan", "shape", "keys", "weight", "metric-nan", "oversized", "metric-unknown",
+                                 "metric-missing"])
 def test_hostile_updates_are_rejected_recorded_and_not_averaged(ledger, bad):
     strategy, run_id = strategy_for(ledger, nodes=(11, 12))
     content = RecordDict({"arrays": arrays(100.0), "metrics": metrics(10), "identity": ConfigRecord({"domain": "a"})})
@@ -150,6 +151,10 @@ def test_hostile_updates_are_rejected_recorded_and_not_averaged(ledger, bad):
         content["metrics"] = metrics(10**12)
     elif bad == "metric-nan":
         content["metrics"] = metrics(10, **{"eval-loss": float("nan")})
+    elif bad == "metric-unknown":
+        content["metrics"] = metrics(10, **{"secret": 1.0})
+    elif bad == "metric-missing":
+        content["metrics"] = MetricRecord({k: v for k, v in metrics(10).items() if k != "train-loss"})
     elif bad == "oversized":
         content["arrays"]["layer.lora_A.weight"] = Array(np.zeros((2, 3000), np.float32))
     _, (aggregated, _) = one_round(strategy, [11, 12], {11: (1.0, 10, "a"), 12: content})
@@ -158,6 +163,16 @@ def test_hostile_updates_are_rejected_recorded_and_not_averaged(ledger, bad):
     assert statuses["12"][0] == "rejected" and statuses["12"][1]
     assert [e.kind for e in ledger.events(run_id)] == ["update-rejected"]
     assert ledger.rounds(run_id)[0].clients_failed == 1
+
+
+def test_the_optional_personal_best_step_metric_is_accepted_and_recorded(ledger):
+    strategy, run_id = strategy_for(ledger, nodes=(11, 12))
+    content = RecordDict({"arrays": arrays(3.0), "metrics": metrics(10, **{"personal-best-step": 4.0}),
+                          "identity": ConfigRecord({"domain": "a"})})
+    _, (aggregated, _) = one_round(strategy, [11, 12], {11: (1.0, 10, "a"), 12: content})
+    np.testing.assert_allclose(aggregated["layer.lora_A.weight"].numpy(), 2.0)
+    rows = {r.node_id: r for r in ledger.client_results(run_id)}
+    assert rows["12"].status == "ok" and rows["12"].metrics["personal-best-step"] == 4.0
 
 
 def test_failed_and_missing_clients_are_recorded_against_their_nodes(ledger):
