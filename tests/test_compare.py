@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from server.ledger import Ledger
 from simulations.compare import EXPERIMENTS, Experiment, main
 
 pytestmark = pytest.mark.simulation
@@ -37,3 +38,9 @@ def test_quick_comparison_writes_the_report(tiny_base, tmp_path):
     # the tiny random base learns fast, so every method must beat the base alone for every user
     for users in results["per_user"].values():
         assert all(ppl < results["base"][user] for user, ppl in users.items())
+    # quick.toml sets validation-fraction: dual's personal training kept its best step, and the server
+    # recorded it without rejecting a reply
+    with Ledger(f"sqlite:///{tmp_path / 'out' / 'dual' / 'ledger.db'}", read_only=True) as ledger:
+        results = ledger.client_results(ledger.runs()[-1].id)
+    assert results and all(r.status == "ok" for r in results)
+    assert all("personal-best-step" in r.metrics for r in results if r.phase == "train")
