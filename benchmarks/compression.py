@@ -2,8 +2,8 @@
 
 One table, every number measured in this run (the teacher's perplexity may come from the build's
 disk cache of the same measurement): the teacher; each technique alone, applied by the pipeline to the
-teacher *without healing* (trim; layer drop; head prune; MLP prune; magnitude 50%; low rank; sharing;
-bf16); and the default recipe (built, or found in the cache, by ``build_compressed_base``).
+teacher *without healing* (trim; trim with word forms; layer drop; head prune; MLP prune; magnitude
+50%; low rank; sharing; bf16); and the default recipe (built, or found in the cache, by ``build_compressed_base``).
 
 Columns: unique parameters of the saved folder as plain ``from_pretrained`` loads it (and in memory,
 where sharing or low rank save there only); bytes of the weight files; peak RSS of a fresh process
@@ -52,6 +52,8 @@ BATCH, SEQ_LEN, STEPS = 4, 128, 4
 # and evaluation. No healing: the rows show what a technique costs by itself.
 ALONE: list[tuple[str, str, dict[str, Any]]] = [
     ("trim", "vocabulary trimmed to the public plays' tokens", {"vocab.trim": True}),
+    ("trim + word forms", "trimmed, keeping each public word with and without a leading space",
+     {"vocab.trim": True, "vocab.word_forms": ["as-is"]}),
     ("layer drop", "7 of 30 blocks kept (ends), linear bridge", {"layers.keep": 7, "layers.how": "ends",
                                                                "layers.bridge": True}),
     ("head prune", "3 -> 2 KV groups per block (activation scores)", {"heads.keep_kv_heads": 2}),
