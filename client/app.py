@@ -113,6 +113,11 @@ def train_personal(job: Job, steps: int) -> dict[str, float]:
                          validate_every=job.config.validate_every)
 
 
+def best_step_metric(personal_stats: dict[str, float]) -> dict[str, float]:
+    """``personal-best-step`` when personal training kept its best validation checkpoint, else nothing."""
+    return {"personal-best-step": personal_stats["best-step"]} if "best-step" in personal_stats else {}
+
+
 def _tags(job: Job) -> dict[str, object]:
     # what client.use needs to rebuild the user's model: the method says which adapters it stacks
     return {"method": job.method.name, "round": job.round, "user_id": job.user.user_id,
@@ -153,8 +158,7 @@ def train(msg: Message, context: Context) -> Message:
         personal = train_personal(job, steps)
         if not job.method.sends_arrays:
             stats = {"train-loss": personal["train-loss"], "train-steps": personal["train-steps"]}
-        if "best-step" in personal:
-            stats["personal-best-step"] = personal["best-step"]
+        stats.update(best_step_metric(personal))
     after = score_user_model(job)
     save_private_state(job)
     metrics = MetricRecord({
@@ -182,9 +186,7 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     tuning: dict[str, float] = {}
     if job.method.personal == "finetune":  # fedavg-ft: the user tunes a copy of the global adapter
         copy_adapter(job.session.model, SHARED, PERSONAL)
-        personal = train_personal(job, job.config.personal_steps)
-        if "best-step" in personal:
-            tuning["personal-best-step"] = personal["best-step"]
+        tuning = best_step_metric(train_personal(job, job.config.personal_steps))
         save_private_state(job)
     adapted = score_user_model(job)
     metrics = MetricRecord({
