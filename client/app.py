@@ -81,7 +81,7 @@ def keep_received_shared(job: Job) -> None:
 def score_user_model(job: Job) -> dict[str, float]:
     """Held-out scores of the model this method gives the user (see the table in shared/methods.py)."""
     job.session.use(job.method.user_adapters, trainable=[])
-    return evaluate(job.session.model, job.test_blocks, job.config.batch_size)
+    return evaluate(job.session.model, job.test_blocks, job.config.micro_batch_size)
 
 
 def train_shared(job: Job) -> dict[str, float]:
@@ -93,7 +93,8 @@ def train_shared(job: Job) -> dict[str, float]:
         penalty = proximal_penalty(parameters, {k: p.detach().clone() for k, p in parameters.items()},
                                    job.config.proximal_mu)
     return train_adapter(job.session.model, job.train_blocks, job.config.local_steps, job.config.batch_size,
-                         job.config.learning_rate, seed=job.config.seed + job.round, penalty=penalty)
+                         job.config.learning_rate, seed=job.config.seed + job.round, penalty=penalty,
+                         micro_batch_size=job.config.micro_batch_size)
 
 
 def train_personal(job: Job, steps: int) -> dict[str, float]:
@@ -110,7 +111,7 @@ def train_personal(job: Job, steps: int) -> dict[str, float]:
     fit, validation = hold_out(job.train_blocks, job.config.validation_fraction, seed=job.config.seed)
     return train_adapter(job.session.model, fit, steps, job.config.batch_size, job.config.personal_lr,
                          seed=job.config.seed + 7919 * (job.round + 1), penalty=penalty, validation=validation,
-                         validate_every=job.config.validate_every)
+                         validate_every=job.config.validate_every, micro_batch_size=job.config.micro_batch_size)
 
 
 def best_step_metric(personal_stats: dict[str, float]) -> dict[str, float]:
@@ -182,7 +183,7 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     job = _prepare(msg, context)
     with job.session.model.disable_adapter():
-        base = evaluate(job.session.model, job.test_blocks, job.config.batch_size)
+        base = evaluate(job.session.model, job.test_blocks, job.config.micro_batch_size)
     tuning: dict[str, float] = {}
     if job.method.personal == "finetune":  # fedavg-ft: the user tunes a copy of the global adapter
         copy_adapter(job.session.model, SHARED, PERSONAL)

@@ -62,6 +62,7 @@ class FederationConfig:
     # local training and evaluation
     local_steps: int = 12
     batch_size: int = 4
+    micro_batch_size: int = 1
     seq_len: int = 128
     learning_rate: float = 0.002
     max_eval_blocks: int = 32
@@ -96,6 +97,7 @@ class FederationConfig:
     def validate(self) -> None:
         """Range and choice checks; raises ConfigError naming the key."""
         positive = ("num_server_rounds", "min_train_nodes", "lora_r", "lora_alpha", "local_steps", "batch_size",
+                    "micro_batch_size",
                     "seq_len", "max_eval_blocks", "min_speeches", "node_wait_seconds", "round_timeout",
                     "learning_rate", "max_update_mb", "validate_every")
         for name in positive:

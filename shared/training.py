@@ -112,11 +112,17 @@ def train_adapter(
     penalty: Callable[[], torch.Tensor] | None = None,
     validation: TokenBlocks | None = None,
     validate_every: int = 1,
+    micro_batch_size: int | None = None,
 ) -> dict[str, float]:
     """Train the model's trainable (adapter) parameters with AdamW; returns mean loss and steps.
 
     ``penalty`` adds a regulariser to each step's loss (FedProx's and Ditto's proximal terms); the
     reported loss is the language-model loss alone.
+
+    ``micro_batch_size`` caps the blocks of one forward/backward pass: a step accumulates the
+    gradients of its batch's micro-batches, each loss summed over its tokens and divided by the whole
+    batch's token count (transformers' ``num_items_in_batch``), so the update is the whole batch's
+    in less memory (activations and logits scale with the micro-batch). Default: the whole batch.
 
     With ``validation`` blocks the parameters are scored on them before the first step, every
     ``validate_every`` steps and after the last, and the best-scoring ones are restored at the end
@@ -128,21 +134,24 @@ def train_adapter(
         raise ValueError("the model has no trainable parameters (is an adapter attached?)")
     if validate_every < 1:
         raise ValueError(f"validate_every must be >= 1, got {validate_every}")
+    micro_batch_size = micro_batch_size or batch_size
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     model.train()
-    best = BestCheckpoint(model, parameters, validation, batch_size) if validation is not None else None
+    best = BestCheckpoint(model, parameters, validation, micro_batch_size) if validation is not None else None
     if best is not None:
         best.consider(0)
     losses = []
     for batch in batches(blocks, batch_size, steps, seed):
-        output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-        if not torch.isfinite(output.loss):
-            raise FloatingPointError(f"training loss became {output.loss.item()} at step {len(losses) + 1}")
-        loss = output.loss + penalty() if penalty is not None else output.loss
-        loss.backward()
+        loss = accumulate_gradients(model, batch, micro_batch_size)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at step {len(losses) + 1}")
+        if penalty is not None:
+            penalty().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(output.loss.item())
+        losses.append(loss)
         if best is not None and (len(losses) % validate_every == 0 or len(losses) == steps):
             best.consider(len(losses))
     model.eval()
@@ -151,6 +160,24 @@ def train_adapter(
         best.restore()
         stats.update({"best-step": float(best.step), "validation-loss": best.loss})
     return stats
+
+
+def accumulate_gradients(model: torch.nn.Module, batch: TokenBlocks, micro_batch_size: int) -> float:
+    """Backpropagate the batch's mean next-token loss in micro-batches; returns that loss.
+
+    A non-finite micro-batch loss stops before its backward pass, so no NaN reaches the gradients.
+    """
+    tokens = torch.tensor(max(batch.num_tokens, 1))
+    total = 0.0
+    for start in range(0, len(batch), micro_batch_size):
+        micro = batch.select(list(range(start, min(start + micro_batch_size, len(batch)))))
+        loss = model(input_ids=micro.input_ids, attention_mask=micro.attention_mask, labels=micro.labels,
+                     num_items_in_batch=tokens).loss
+        if not torch.isfinite(loss):
+            return loss.item()
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 def proximal_penalty(parameters: dict[str, torch.nn.Parameter], anchor: dict[str, torch.Tensor],

@@ -35,6 +35,7 @@ def test_values_are_coerced_and_read():
         ({"lora-target-modules": " , "}, "lora-target-modules must name"),
         ({"validation-fraction": 0.7}, "validation-fraction must be in"),
         ({"validate-every": 0}, "validate-every must be > 0"),
+        ({"micro-batch-size": 0}, "micro-batch-size must be > 0"),
         ({"personal-learning-rate": -0.1}, "personal-learning-rate must be >= 0"),
     ],
 )

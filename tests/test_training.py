@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from shared.adapters import attach_adapter, lora_config
@@ -98,3 +99,47 @@ def test_early_stopping_restores_the_checkpoint_with_the_lowest_validation_loss(
     assert math.isclose(kept, stats["validation-loss"], rel_tol=1e-6)
     assert kept <= min(start, end) + 1e-9
     assert stats["train-steps"] == 12 and stats["best-step"] < 12  # not the last step: restoring matters
+
+
+def _lora_tensors(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_micro_batches_give_the_whole_batch_update_and_never_see_more_blocks(tiny_base):
+    tokenizer = load_tokenizer(str(tiny_base))
+    blocks = tokenize_blocks(tokenizer, TEXTS, seq_len=16).select([0, 1, 2, 3, 4])
+    # One block mostly padding: micro-batch losses must be weighted by tokens, not averaged per pass.
+    blocks.labels[4, 3:] = IGNORE_INDEX
+    blocks.attention_mask[4, 3:] = 0
+    assert blocks.num_tokens < 5 * 15
+    whole = _adapted(tiny_base)
+    whole_stats = train_adapter(whole, blocks, steps=3, batch_size=5, learning_rate=1e-2)
+    expected = _lora_tensors(whole)
+    for micro in (1, 2):
+        model = _adapted(tiny_base)
+        seen: list[int] = []
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+        stats = train_adapter(model, blocks, steps=3, batch_size=5, learning_rate=1e-2, micro_batch_size=micro)
+        assert max(seen) == micro and sum(seen) == 3 * 5
+        assert math.isclose(stats["train-loss"], whole_stats["train-loss"], rel_tol=1e-5)
+        for name, tensor in _lora_tensors(model).items():
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_non_finite_micro_batch_loss_stops_training_before_its_backward(tiny_base):
+    tokenizer = load_tokenizer(str(tiny_base))
+    blocks = tokenize_blocks(tokenizer, TEXTS, seq_len=16).select([0, 1, 2, 3])
+    model = _adapted(tiny_base)
+    before = _lora_tensors(model)
+    calls = []
+
+    def poison_second_pass(module, args, out):
+        calls.append(1)
+        return out * float("nan") if len(calls) == 2 else out
+
+    model.get_input_embeddings().register_forward_hook(poison_second_pass)
+    with pytest.raises(FloatingPointError, match="training loss became nan at step 1"):
+        train_adapter(model, blocks, steps=2, batch_size=4, learning_rate=1e-2, micro_batch_size=2)
+    assert len(calls) == 2
+    for name, tensor in _lora_tensors(model).items():
+        assert torch.equal(tensor, before[name]), name  # no optimizer step was taken
