@@ -15,6 +15,7 @@ from shared.compression.__main__ import main
 from shared.compression.layers import drop_layers
 from shared.compression.measure import parameter_count, storage_bytes
 from shared.compression.pipeline import (
+    HEALING_ATTENTION,
     block_loss,
     build_compressed_base,
     client_eval_documents,
@@ -280,8 +281,25 @@ def test_heal_stops_at_the_time_budget(tiny_base: Path) -> None:
     recipe = tiny_recipe(tiny_base, heal={"steps": 10_000, "kd_alpha": 0.0})
     model = AutoModelForCausalLM.from_pretrained(tiny_base)
     blocks = torch.randint(0, 300, (16, 32), generator=torch.Generator().manual_seed(0))
+    attention = model.config._attn_implementation
     stats = heal(model, blocks, recipe, time_budget_s=0.5)
     assert stats["stopped_by"] == "time_budget" and 0 < stats["steps_done"] < 10_000
+    assert model.config._attn_implementation == attention == "sdpa"  # healing's attention is not saved
+
+
+def test_healing_attention_computes_what_sdpa_does(tiny_base: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    ids = torch.randint(0, 300, (3, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0  # padding: the mask must reach the attention too
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        model.set_attn_implementation(HEALING_ATTENTION)
+        got = model(input_ids=ids, attention_mask=mask).logits
+        model.set_attn_implementation("eager")
+        eager = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("freeze", [True, False])
