@@ -622,8 +622,8 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
                 embedding.weight.requires_grad_(False)
     student.train()
     parameters = [p for p in student.parameters() if p.requires_grad]
-    # fused: the same AdamW update in one kernel per step (a healing step about 1.25x faster with the
-    # float32 attention on this CPU, benchmarks/results/compression.md).
+    # fused: the same AdamW update in one kernel per step (with the float32 attention, healing steps
+    # 1.25x faster in an A/B and 8% in a cold build on a 2-core CPU: docs/compression.md).
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay,
                                   fused=True)
     generator = torch.Generator().manual_seed(recipe.seed)
