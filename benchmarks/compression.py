@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from shared.compression.pipeline import build_compressed_base  # noqa: E402
 from shared.compression.recipe import Recipe, load_recipe  # noqa: E402
 from shared.compression.report import load_report  # noqa: E402
 from shared.config import FederationConfig  # noqa: E402
-from shared.training import IGNORE_INDEX, TokenBlocks, accumulate_gradients, evaluate, train_adapter  # noqa: E402
+from shared.training import TokenBlocks, accumulate_gradients, evaluate, train_adapter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compression.md"
 BATCH, SEQ_LEN, STEPS = 4, 128, 4
