@@ -361,6 +361,33 @@ def test_topk_distillation_renormalises_the_teacher_over_its_top_k() -> None:
     assert torch.allclose(loss, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("alpha", "temperature"), [(0.5, 1.0), (0.3, 2.0), (1.0, 0.5), (0.0, 1.0)])
+def test_topk_distillation_gradient_matches_autograd(alpha: float, temperature: float, dtype: torch.dtype) -> None:
+    # The closed-form gradient against autograd through the explicit loss (a teacher that is -inf
+    # outside its top k), with ignored positions and logits in the student's autocast dtype.
+    generator = torch.Generator().manual_seed(0)
+    student = (3 * torch.randn(2, 6, 11, generator=generator)).to(dtype)
+    teacher = 3 * torch.randn(2, 6, 11, generator=generator)
+    labels = torch.randint(0, 11, (2, 6), generator=generator)
+    labels[0, 2] = labels[1, 5] = -100
+    values, indices = teacher.topk(4, dim=-1)
+    truncated = torch.full_like(teacher, -math.inf).scatter(-1, indices, values)
+
+    fused_input = student.clone().requires_grad_(True)
+    fused = distillation_loss_topk(fused_input, values, indices.to(torch.int32), labels, alpha, temperature)
+    (3.0 * fused).backward()
+    reference_input = student.float().requires_grad_(True)
+    reference = distillation_loss(reference_input, truncated, labels, alpha, temperature)
+    (3.0 * reference).backward()
+
+    assert fused.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert fused_input.grad.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-3
+    assert torch.allclose(fused_input.grad.float(), reference_input.grad, atol=tolerance)
+    assert fused_input.grad[0, 2].abs().max() == 0  # an ignored position gets no gradient
+
+
 def test_hidden_state_loss_and_layer_map() -> None:
     teacher = [torch.full((1, 2, 4), float(i)) for i in range(5)]  # embeddings + 4 blocks
     student = [teacher[0], teacher[1], teacher[4] + 1.0]  # kept blocks 0 and 3; last one off by 1

@@ -98,6 +98,8 @@ def test_default_recipe_is_valid_and_names_public_plays() -> None:
         ("heal = 3\n", "'heal'"),
         ("[vocab]\ntrim = true\n", "public_plays"),
         ("[sharing]\ngroups = [[0]]\n", "sharing.groups"),
+        ("public_plays = ['hamlet']\n[vocab]\ntrim = true\nplays = ['macbeth']\n", "vocab.plays"),
+        ("public_plays = ['hamlet']\n[vocab]\nplays = ['hamlet']\n", "vocab.plays"),
         ("[lowrank]\nrank = 8\nenergy = 0.9\n", "lowrank.rank"),
         ("public_plays = ['hamlet']\n[heal]\nsteps = 5\nhidden_weight = 1.0\nkd_topk = 8\n", "heal.hidden_weight"),
     ],
@@ -252,6 +254,21 @@ def test_every_technique_combined(tiny_base: Path, cache: Path) -> None:
     assert magnitude["sparsity_measured"] == pytest.approx(0.5, abs=0.01)
     assert report["student"]["parameters_in_memory"] < report["student"]["parameters"]  # sharing + low rank
     assert report["student"]["parameters"] == parameter_count(model)
+
+
+def test_vocabulary_from_some_public_plays_heals_on_all(built: tuple[Recipe, Path, float], tiny_base: Path,
+                                                      cache: Path) -> None:
+    _, folder, _ = built
+    recipe = tiny_recipe(tiny_base, public_plays=PUBLIC + ["macbeth"], vocab={"plays": PUBLIC},
+                         heal={"steps": 2})
+    wider = build_compressed_base(recipe, cache_dir=cache, progress=False)
+    report, narrow_report = load_report(wider), load_report(folder)
+    vocab = next(t for t in report["techniques"] if t["technique"] == "vocab")
+    assert vocab["plays"] == PUBLIC
+    # The same vocabulary as from the first play alone, more healing text from both.
+    assert AutoTokenizer.from_pretrained(wider).get_vocab() == AutoTokenizer.from_pretrained(folder).get_vocab()
+    assert report["heal"]["public_train_blocks"] > 2 * narrow_report["heal"]["public_train_blocks"]
+    assert report["public_plays"] == PUBLIC + ["macbeth"]
 
 
 def test_bad_recipe_for_this_teacher_names_the_key(tiny_base: Path, tmp_path: Path) -> None:

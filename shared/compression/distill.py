@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -94,10 +95,54 @@ def distillation_loss_topk(
     elsewhere); the student's is its full-vocabulary softmax(s / T). The KL between them is
     sum over the k tokens of p_t * (log p_t - log p_s), so the student is also pushed to move its mass
     off tokens outside the teacher's top k. With k = vocab it equals ``distillation_loss``.
+
+    Computed by ``_TopKDistillation``, which works out the gradient in the forward pass: the same
+    loss and gradient as autograd through ``_blend``, in a third of the passes over the logits.
     """
-    teacher = F.log_softmax(topk_values.float() / temperature, dim=-1)
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, topk_indices.long())
-    return _blend(student_logits, labels, _kl_per_position(teacher, student), alpha, temperature, ignore_index)
+    return _TopKDistillation.apply(student_logits, topk_values, topk_indices, labels, alpha, temperature,
+                                   ignore_index)
+
+
+class _TopKDistillation(torch.autograd.Function):
+    """The top-k distillation loss with its gradient in closed form.
+
+    With p = softmax(s), p_T = softmax(s / T) and q the renormalised top-k teacher (zero elsewhere),
+    d/ds [(1 - a) * CE(y, s) + a * T^2 * KL(q || p_T)] = (1 - a) * (p - onehot(y)) + a * T * (p_T - q),
+    averaged over the positions with a label. Autograd through log_softmax, gather and the blend
+    makes about a dozen passes over the (positions, vocabulary) logits; this makes four, and at
+    healing's 13.7k-id vocabulary those passes were about half of a student step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, student_logits: torch.Tensor, topk_values: torch.Tensor, topk_indices: torch.Tensor,
+                labels: torch.Tensor, alpha: float, temperature: float, ignore_index: int) -> torch.Tensor:
+        mask = labels != ignore_index
+        count = mask.sum().clamp(min=1)
+        targets = labels.clamp(min=0).unsqueeze(-1)
+        indices = topk_indices.long()
+        log_probs = F.log_softmax(student_logits.float(), dim=-1)
+        tempered = log_probs if temperature == 1 else F.log_softmax(student_logits.float() / temperature, dim=-1)
+        teacher_log_probs = F.log_softmax(topk_values.float() / temperature, dim=-1)
+        ce = -log_probs.gather(-1, targets).squeeze(-1)
+        kl = _kl_per_position(teacher_log_probs, tempered.gather(-1, indices))
+        loss = (1 - alpha) * _masked_mean(ce, mask) + alpha * temperature**2 * _masked_mean(kl, mask)
+
+        # The gradient, built in place over the softmax: (1 - a) p + a T p_T, less the targets' mass.
+        teacher_probs = teacher_log_probs.exp()
+        if temperature == 1:
+            grad = log_probs.exp_()
+        else:
+            grad = log_probs.exp_().mul_(1 - alpha).add_(tempered.exp_(), alpha=alpha * temperature)
+        grad.scatter_add_(-1, targets, torch.full_like(ce, -(1 - alpha)).unsqueeze(-1))
+        grad.scatter_add_(-1, indices, teacher_probs * -(alpha * temperature))
+        grad.mul_((mask / count).unsqueeze(-1))
+        ctx.save_for_backward(grad.to(student_logits.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None, None
 
 
 def hidden_state_loss(

@@ -53,6 +53,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from shared.base_model import DTYPES, default_cache_dir, file_sha256, materialize_base, resolve_base, weights_hash
+from shared.training import IGNORE_INDEX
 from shared.compression.distill import (
     distillation_loss,
     distillation_loss_topk,
@@ -78,7 +79,7 @@ from shared.compression.report import REPORT_JSON, REPORT_MD, render_markdown
 from shared.compression.sharing import share_layers
 from shared.compression.vocab import trim_vocabulary, used_token_ids, word_form_ids
 
-PIPELINE_VERSION = 2  # bump when the build changes what a recipe produces: old cache entries then miss
+PIPELINE_VERSION = 3  # bump when the build changes what a recipe produces: old cache entries then miss
 RECIPE_FILE = "recipe.toml"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 EVAL_TOKENS_PER_BATCH = 1024
@@ -213,11 +214,12 @@ def _stage(timings: dict[str, float], name: str, progress: _Progress, message: s
 # --- text ------------------------------------------------------------------------------------------
 
 
-def public_texts(recipe: Recipe) -> list[str]:
-    """Speeches of the public plays (server-side text no client holds)."""
+def public_texts(recipe: Recipe, plays: Sequence[str] | None = None) -> list[str]:
+    """Speeches of the public plays, or of ``plays`` among them (server-side text no client holds)."""
     from shared.data import load_corpus
 
-    return [speech.text for speech in load_corpus(plays=recipe.public_plays)] if recipe.public_plays else []
+    plays = recipe.public_plays if plays is None else plays
+    return [speech.text for speech in load_corpus(plays=plays)] if plays else []
 
 
 def client_eval_documents(recipe: Recipe) -> list[list[str]]:
@@ -663,9 +665,10 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
         logits, labels = out.logits[:, :-1], batch[:, 1:]
         if use_teacher and distilling:
             if topk is not None:
-                values, indices = topk
-                loss = distillation_loss_topk(logits, values[:, :-1], indices[:, :-1], labels,
-                                              settings.kd_alpha, settings.kd_temperature)
+                # Every position, the last one unlabelled: slicing the logits would copy them.
+                next_tokens = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)
+                loss = distillation_loss_topk(out.logits, *topk, next_tokens, settings.kd_alpha,
+                                              settings.kd_temperature, IGNORE_INDEX)
             else:
                 loss = distillation_loss(logits, teacher_out.logits[:, :-1], labels, settings.kd_alpha,
                                          settings.kd_temperature)
@@ -810,7 +813,9 @@ def _build(recipe: Recipe, key: str, out: Path, cache_dir: Path, progress: _Prog
                              "weights_hash": weights_hash(teacher), **_model_shape(teacher)}
 
     with _stage(timings, "text", progress, f"reading public plays {list(recipe.public_plays)} and client test text"):
-        public = public_texts(recipe)
+        vocab_plays = recipe.vocab.plays or recipe.public_plays
+        public = public_texts(recipe, vocab_plays)
+        public_rest = public_texts(recipe, [play for play in recipe.public_plays if play not in vocab_plays])
         client = client_eval_documents(recipe)
         teacher_eval_tokens = sum(len(ids) - 1 for ids in encode_documents(teacher_tokenizer, client))
     speeches = sum(len(document) for document in client)
@@ -838,11 +843,11 @@ def _build(recipe: Recipe, key: str, out: Path, cache_dir: Path, progress: _Prog
             if blocks is not None:
                 blocks = old_to_new[blocks]
                 if (blocks < 0).any():
-                    raise RuntimeError("the trimmed vocabulary lost a token of the public text")
+                    raise RuntimeError("the trimmed vocabulary lost a token of the vocabulary's public text")
             client_all = _client_pool(recipe)
             before_tokens = count_tokens(teacher_tokenizer, client_all)
             after_tokens = count_tokens(student_tokenizer, client_all)
-        techniques.append({"technique": "vocab", "used_ids": len(used),
+        techniques.append({"technique": "vocab", "plays": list(vocab_plays), "used_ids": len(used),
                            "word_forms": list(recipe.vocab.word_forms), "word_form_ids": len(word_forms),
                            "kept_ids": len(kept),
                            "teacher_vocab": report["teacher"]["vocab_size"],
@@ -851,6 +856,9 @@ def _build(recipe: Recipe, key: str, out: Path, cache_dir: Path, progress: _Prog
                            "client_token_inflation": round(after_tokens / before_tokens, 4)})
         progress.log(f"vocabulary {report['teacher']['vocab_size']} -> {len(kept)} ids; client text needs "
                      f"{after_tokens / before_tokens:.3f}x the tokens")
+    if public_rest:  # public plays outside the vocabulary's: the trimmed tokenizer spells them
+        rest = token_blocks(student_tokenizer, public_rest, heal_settings.seq_len)
+        blocks = rest if blocks is None else torch.cat([blocks, rest])
     # From here `teacher` is the (trimmed) teacher: same function on the kept ids, the student's vocabulary.
 
     if blocks is not None:
@@ -968,6 +976,7 @@ def _build(recipe: Recipe, key: str, out: Path, cache_dir: Path, progress: _Prog
                 store.save()
                 stats["topk_cache"] = {"blocks_loaded": store.loaded, "blocks_computed": store.computed,
                                        "k": store.k}
+            stats["public_train_blocks"] = len(train_blocks)
             stats["public_val_blocks"] = len(public_val)
             stats["public_val_loss_before"] = round(val_before, 4)
             stats["public_val_loss_after"] = round(block_loss(student, public_val), 4)

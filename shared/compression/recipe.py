@@ -14,7 +14,7 @@ Layout (see ``recipes/default.toml`` for the shipped defaults, and docs/compress
     calibration_blocks = 32          # public blocks for activation/importance scores and bridges
     time_budget_s = 540              # the whole build: healing stops early to finish within it
 
-    [vocab]      trim = true
+    [vocab]      trim = true, word_forms = ["as-is"], plays = [...] (a subset of public_plays)
     [layers]     keep = 8, how = "ends" | "even" | "first" | "importance", bridge = true
     [heads]      keep_kv_heads = 2, scores = "activation" | "weight"
     [mlp]        keep_ratio = 0.7, scores = "activation" | "weight"
@@ -75,10 +75,14 @@ class VocabSection:
     ``word_forms``: also keep the tokens of every public word written in these forms (``as-is``,
     ``lower``, ``capitalized``, ``upper``), each with and without a leading space, so that client
     text that uses a public word in another position (sentence start, after a dash) keeps its tokens.
+    ``plays``: take the vocabulary from these public plays only (all of them when empty); the other
+    public plays still heal the student, spelt with the trimmed tokenizer's smaller pieces where
+    their words lost tokens. More healing text without more embedding rows.
     """
 
     trim: bool = False
     word_forms: tuple[str, ...] = _field(factory=tuple, choices=WORD_FORMS)
+    plays: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,11 @@ class Recipe:
             raise RecipeError(f"{where}: sharing needs equal shapes; use lowrank.rank, not lowrank.energy")
         if len(set(self.public_plays)) != len(self.public_plays):
             raise RecipeError(f"{where}: public_plays has repeats: {list(self.public_plays)}")
+        outside = sorted(set(self.vocab.plays) - set(self.public_plays))
+        if outside:
+            raise RecipeError(f"{where}: vocab.plays must be public plays; not in public_plays: {outside}")
+        if self.vocab.plays and not self.vocab.trim:
+            raise RecipeError(f"{where}: vocab.plays needs vocab.trim = true")
         known = _known_plays()
         if known is not None:
             unknown = sorted(set(self.public_plays) - known)
