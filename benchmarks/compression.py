@@ -56,7 +56,7 @@ MICRO_BATCH = FederationConfig().micro_batch_size  # what a client uses unless i
 # Each technique alone, as recipe overrides of an empty recipe that keeps the default's public plays
 # and evaluation. No healing: the rows show what a technique costs by itself.
 ALONE: list[tuple[str, str, dict[str, Any]]] = [
-    ("trim", "vocabulary trimmed to the public plays' tokens", {"vocab.trim": True}),
+    ("trim", "vocabulary trimmed to the tokens of the recipe's vocabulary plays", {"vocab.trim": True}),
     ("trim + word forms", "trimmed, keeping each public word with and without a leading space",
      {"vocab.trim": True, "vocab.word_forms": ["as-is"]}),
     ("layer drop", "7 of 30 blocks kept (ends), linear bridge", {"layers.keep": 7, "layers.how": "ends",
@@ -194,6 +194,8 @@ def memory_target(teacher_folder: Path, default_folder: Path, baseline: int,
 def variant_recipe(default: Recipe, name: str, overrides: dict[str, Any], speeches: int) -> Recipe:
     empty = Recipe(name=f"bench-{name.replace(' ', '-').replace('%', '')}", teacher=default.teacher,
                    public_plays=default.public_plays, eval=default.eval)
+    if overrides.get("vocab.trim"):  # the default's vocabulary text, not every public play's
+        overrides = {"vocab.plays": list(default.vocab.plays), **overrides}
     return empty.with_overrides({"eval.speeches": speeches, "calibration_blocks": default.calibration_blocks,
                                  **overrides})
 
