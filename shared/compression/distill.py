@@ -97,7 +97,7 @@ def distillation_loss_topk(
     off tokens outside the teacher's top k. With k = vocab it equals ``distillation_loss``.
 
     Computed by ``_TopKDistillation``, which works out the gradient in the forward pass: the same
-    loss and gradient as autograd through ``_blend``, in a third of the passes over the logits.
+    loss and gradient as autograd through ``_blend``, in far fewer passes over the logits.
     """
     return _TopKDistillation.apply(student_logits, topk_values, topk_indices, labels, alpha, temperature,
                                    ignore_index)
@@ -109,8 +109,8 @@ class _TopKDistillation(torch.autograd.Function):
     With p = softmax(s), p_T = softmax(s / T) and q the renormalised top-k teacher (zero elsewhere),
     d/ds [(1 - a) * CE(y, s) + a * T^2 * KL(q || p_T)] = (1 - a) * (p - onehot(y)) + a * T * (p_T - q),
     averaged over the positions with a label. Autograd through log_softmax, gather and the blend
-    makes about a dozen passes over the (positions, vocabulary) logits; this makes four, and at
-    healing's 13.7k-id vocabulary those passes were about half of a student step.
+    makes about a dozen passes over the (positions, vocabulary) logits, this about half as many; at
+    healing's 13.7k-id vocabulary autograd's passes were about half of a student step.
     """
 
     @staticmethod

@@ -53,7 +53,6 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from shared.base_model import DTYPES, default_cache_dir, file_sha256, materialize_base, resolve_base, weights_hash
-from shared.training import IGNORE_INDEX
 from shared.compression.distill import (
     distillation_loss,
     distillation_loss_topk,
@@ -78,6 +77,7 @@ from shared.compression.recipe import Recipe, RecipeError, canonical_json, load_
 from shared.compression.report import REPORT_JSON, REPORT_MD, render_markdown
 from shared.compression.sharing import share_layers
 from shared.compression.vocab import trim_vocabulary, used_token_ids, word_form_ids
+from shared.training import IGNORE_INDEX
 
 PIPELINE_VERSION = 3  # bump when the build changes what a recipe produces: old cache entries then miss
 RECIPE_FILE = "recipe.toml"
