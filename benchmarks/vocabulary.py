@@ -1,6 +1,7 @@
 """What vocabulary trimming costs the teacher by itself, for several ways of choosing the kept ids.
 
-The teacher at full depth, no healing: its vocabulary trimmed to the public plays' tokens, plus
+The teacher at full depth, no healing: its vocabulary trimmed to the tokens of the default recipe's
+vocabulary plays (``vocab.plays``, else all public plays), plus
 public words in other spellings (``vocab.word_forms``), or plus the teacher's lowest (most frequent)
 ids; each scored on held-out client text per *teacher* token (see shared/compression/report.py), as a
 ratio to the untrimmed teacher in the same run.
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(None)
     teacher, tokenizer, _ = _load_teacher(recipe.teacher)
     teacher = teacher.to(torch.bfloat16)
-    public = public_texts(recipe)
+    public = public_texts(recipe, recipe.vocab.plays or None)  # the plays the default's vocabulary comes from
     documents = client_eval_documents(recipe)
     documents = documents[: args.documents] if args.documents else documents
     teacher_tokens = sum(len(ids) - 1 for ids in encode_documents(tokenizer, documents))
