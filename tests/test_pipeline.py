@@ -100,6 +100,7 @@ def test_default_recipe_is_valid_and_names_public_plays() -> None:
         ("[sharing]\ngroups = [[0]]\n", "sharing.groups"),
         ("public_plays = ['hamlet']\n[vocab]\ntrim = true\nplays = ['macbeth']\n", "vocab.plays"),
         ("public_plays = ['hamlet']\n[vocab]\nplays = ['hamlet']\n", "vocab.plays"),
+        ("[vocab]\nlowest_ids = -1\n", "vocab.lowest_ids"),
         ("[lowrank]\nrank = 8\nenergy = 0.9\n", "lowrank.rank"),
         ("public_plays = ['hamlet']\n[heal]\nsteps = 5\nhidden_weight = 1.0\nkd_topk = 8\n", "heal.hidden_weight"),
     ],
@@ -269,6 +270,20 @@ def test_vocabulary_from_some_public_plays_heals_on_all(built: tuple[Recipe, Pat
     assert AutoTokenizer.from_pretrained(wider).get_vocab() == AutoTokenizer.from_pretrained(folder).get_vocab()
     assert report["heal"]["public_train_blocks"] > 2 * narrow_report["heal"]["public_train_blocks"]
     assert report["public_plays"] == PUBLIC + ["macbeth"]
+
+
+def test_vocabulary_can_keep_the_teachers_lowest_ids(built: tuple[Recipe, Path, float], tiny_base: Path,
+                                                     cache: Path) -> None:
+    _, folder, _ = built
+    teacher_tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    lowest = len(teacher_tokenizer) - 8  # the tiny vocabulary is small: the public play uses most of it
+    wider = build_compressed_base(tiny_recipe(tiny_base, vocab={"lowest_ids": lowest}, heal={"steps": 2}),
+                                  cache_dir=cache, progress=False)
+    teacher_tokens = teacher_tokenizer.convert_ids_to_tokens(list(range(lowest)))
+    kept, narrow = AutoTokenizer.from_pretrained(wider).get_vocab(), AutoTokenizer.from_pretrained(folder).get_vocab()
+    assert set(teacher_tokens) <= set(kept) and not set(teacher_tokens) <= set(narrow)
+    vocab = next(t for t in load_report(wider)["techniques"] if t["technique"] == "vocab")
+    assert vocab["kept_ids"] == len(kept) > len(narrow) and vocab["lowest_ids_added"] > 0
 
 
 def test_bad_recipe_for_this_teacher_names_the_key(tiny_base: Path, tmp_path: Path) -> None:

@@ -836,7 +836,8 @@ def _build(recipe: Recipe, key: str, out: Path, cache_dir: Path, progress: _Prog
         with _stage(timings, "vocab", progress, "trimming the vocabulary to the public text's tokens"):
             used = used_token_ids(teacher_tokenizer, public)
             word_forms = word_form_ids(teacher_tokenizer, public, recipe.vocab.word_forms) - used
-            teacher, student_tokenizer, kept = trim_vocabulary(teacher, teacher_tokenizer, used | word_forms)
+            lowest = set(range(min(recipe.vocab.lowest_ids, len(teacher_tokenizer)))) - used - word_forms
+            teacher, student_tokenizer, kept = trim_vocabulary(teacher, teacher_tokenizer, used | word_forms | lowest)
             size = max(max(kept), int(blocks.max()) if blocks is not None else 0) + 1
             old_to_new = torch.full((size,), -1, dtype=torch.long)
             old_to_new[torch.tensor(kept)] = torch.arange(len(kept))
@@ -849,6 +850,7 @@ def _build(recipe: Recipe, key: str, out: Path, cache_dir: Path, progress: _Prog
             after_tokens = count_tokens(student_tokenizer, client_all)
         techniques.append({"technique": "vocab", "plays": list(vocab_plays), "used_ids": len(used),
                            "word_forms": list(recipe.vocab.word_forms), "word_form_ids": len(word_forms),
+                           "lowest_ids": recipe.vocab.lowest_ids, "lowest_ids_added": len(lowest),
                            "kept_ids": len(kept),
                            "teacher_vocab": report["teacher"]["vocab_size"],
                            "client_texts": len(client_all), "client_tokens_teacher": before_tokens,

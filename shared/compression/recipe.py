@@ -14,7 +14,7 @@ Layout (see ``recipes/default.toml`` for the shipped defaults, and docs/compress
     calibration_blocks = 32          # public blocks for activation/importance scores and bridges
     time_budget_s = 540              # the whole build: healing stops early to finish within it
 
-    [vocab]      trim = true, word_forms = ["as-is"], plays = [...] (a subset of public_plays)
+    [vocab]      trim = true, word_forms = ["as-is"], plays = [...] (a subset of public_plays), lowest_ids = 0
     [layers]     keep = 8, how = "ends" | "even" | "first" | "importance", bridge = true
     [heads]      keep_kv_heads = 2, scores = "activation" | "weight"
     [mlp]        keep_ratio = 0.7, scores = "activation" | "weight"
@@ -78,11 +78,14 @@ class VocabSection:
     ``plays``: take the vocabulary from these public plays only (all of them when empty); the other
     public plays still heal the student, spelt with the trimmed tokenizer's smaller pieces where
     their words lost tokens. More healing text without more embedding rows.
+    ``lowest_ids``: also keep the teacher's ids below this (a byte-level BPE numbers its merges in
+    the order it learnt them, so the lowest ids are the most frequent pieces of its training text).
     """
 
     trim: bool = False
     word_forms: tuple[str, ...] = _field(factory=tuple, choices=WORD_FORMS)
     plays: tuple[str, ...] = ()
+    lowest_ids: int = _field(0, min=0)
 
 
 @dataclass(frozen=True)
