@@ -195,7 +195,7 @@ def variant_recipe(default: Recipe, name: str, overrides: dict[str, Any], speech
     empty = Recipe(name=f"bench-{name.replace(' ', '-').replace('%', '')}", teacher=default.teacher,
                    public_plays=default.public_plays, eval=default.eval)
     if overrides.get("vocab.trim"):  # the default's vocabulary text, not every public play's
-        overrides = {"vocab.plays": list(default.vocab.plays), **overrides}
+        overrides = {"vocab.plays": list(default.vocab_plays), **overrides}
     return empty.with_overrides({"eval.speeches": speeches, "calibration_blocks": default.calibration_blocks,
                                  **overrides})
 

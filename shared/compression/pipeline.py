@@ -813,9 +813,8 @@ def _build(recipe: Recipe, key: str, out: Path, cache_dir: Path, progress: _Prog
                              "weights_hash": weights_hash(teacher), **_model_shape(teacher)}
 
     with _stage(timings, "text", progress, f"reading public plays {list(recipe.public_plays)} and client test text"):
-        vocab_plays = recipe.vocab.plays or recipe.public_plays
-        public = public_texts(recipe, vocab_plays)
-        public_rest = public_texts(recipe, [play for play in recipe.public_plays if play not in vocab_plays])
+        public = public_texts(recipe, recipe.vocab_plays)
+        public_rest = public_texts(recipe, [play for play in recipe.public_plays if play not in recipe.vocab_plays])
         client = client_eval_documents(recipe)
         teacher_eval_tokens = sum(len(ids) - 1 for ids in encode_documents(teacher_tokenizer, client))
     speeches = sum(len(document) for document in client)
@@ -848,7 +847,7 @@ def _build(recipe: Recipe, key: str, out: Path, cache_dir: Path, progress: _Prog
             client_all = _client_pool(recipe)
             before_tokens = count_tokens(teacher_tokenizer, client_all)
             after_tokens = count_tokens(student_tokenizer, client_all)
-        techniques.append({"technique": "vocab", "plays": list(vocab_plays), "used_ids": len(used),
+        techniques.append({"technique": "vocab", "plays": list(recipe.vocab_plays), "used_ids": len(used),
                            "word_forms": list(recipe.vocab.word_forms), "word_form_ids": len(word_forms),
                            "lowest_ids": recipe.vocab.lowest_ids, "lowest_ids_added": len(lowest),
                            "kept_ids": len(kept),

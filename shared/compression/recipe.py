@@ -230,6 +230,11 @@ class Recipe:
     output: OutputSection = field(default_factory=OutputSection)
     source: str | None = field(default=None, compare=False, metadata={"internal": True})
 
+    @property
+    def vocab_plays(self) -> tuple[str, ...]:
+        """The public plays the vocabulary is trimmed to: ``vocab.plays``, or all of them when unset."""
+        return self.vocab.plays or self.public_plays
+
     def to_dict(self) -> dict[str, Any]:
         """Every setting, defaults filled in (``source``, where it was read from, left out)."""
         return _to_plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"})
