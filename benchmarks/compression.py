@@ -102,10 +102,16 @@ def fixed_blocks(vocab_size: int, batch: int) -> TokenBlocks:
     return TokenBlocks(ids, torch.ones_like(ids), ids.clone())
 
 
-def client_round(folder: str, batch: int = BATCH, micro_batch: int = MICRO_BATCH) -> dict[str, float]:
-    """A client's training round: bf16 base + fp32 LoRA, ``train_adapter`` steps, then ``evaluate``."""
+def client_round(folder: str, batch: int = BATCH, micro_batch: int = MICRO_BATCH,
+                 checkpointing: bool = False) -> dict[str, float]:
+    """A client's training round: bf16 base + fp32 LoRA, ``train_adapter`` steps, then ``evaluate``.
+
+    ``checkpointing``: as a client with run-config ``gradient-checkpointing = true`` (client/runtime.py).
+    """
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     model.requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = attach_adapter(model, lora_config(FederationConfig()))
     blocks = fixed_blocks(model.config.vocab_size, batch)
     start = time.perf_counter()
@@ -161,12 +167,12 @@ def interleaved_step_times(folders: list[str], rounds: int = 3) -> list[float]:
 
 
 def measure_training(folder: Path, full: bool = False, batch: int = BATCH,
-                     micro_batch: int | None = None) -> dict[str, float]:
+                     micro_batch: int | None = None, checkpointing: bool = False) -> dict[str, float]:
     """A client round (or the teacher's full fine-tuning) in a fresh process: peaks never go down."""
     if full:
         result, _ = peak_rss_subprocess(full_finetuning, str(folder), batch, micro_batch)
     else:
-        result, _ = peak_rss_subprocess(client_round, str(folder), batch, micro_batch or MICRO_BATCH)
+        result, _ = peak_rss_subprocess(client_round, str(folder), batch, micro_batch or MICRO_BATCH, checkpointing)
     return result
 
 
@@ -180,10 +186,14 @@ def memory_target(teacher_folder: Path, default_folder: Path, baseline: int,
     for batch in TARGET_BATCHES:
         whole, client = at_batch if batch == BATCH else (measure_training(teacher_folder, full=True, batch=batch),
                                                          measure_training(default_folder, batch=batch))
+        checkpointed = measure_training(default_folder, batch=batch, checkpointing=True)
         micro = measure_training(teacher_folder, full=True, batch=batch, micro_batch=MICRO_BATCH)
         rows.append({"batch": batch, "teacher_full": whole, "teacher_full_micro": micro, "client": client,
+                     "client_checkpointing": checkpointed,
                      "ratio": whole["peak_rss"] / client["peak_rss"],
                      "ratio_own": (whole["peak_rss"] - baseline) / max(client["peak_rss"] - baseline, 1),
+                     "ratio_checkpointing": whole["peak_rss"] / checkpointed["peak_rss"],
+                     "ratio_checkpointing_own": (whole["peak_rss"] - baseline) / max(checkpointed["peak_rss"] - baseline, 1),
                      "ratio_vs_micro": micro["peak_rss"] / client["peak_rss"]})
     return rows
 
@@ -361,16 +371,24 @@ def _target_lines(result: dict[str, Any]) -> list[str]:
              f"Peak RSS in MiB (own: minus the {baseline / 2**20:.0f} MiB import baseline) of the default recipe's "
              f"client round (micro-batches of {micro}) against full fine-tuning of the teacher on the same batch, "
              f"at the federation's batch ({BATCH} x {SEQ_LEN}) and at the 8 x {SEQ_LEN} batch of the issue's "
-             "memory figures. The last column gives the teacher the client's micro-batching too: what is left "
-             "is what the compressed base and LoRA buy.", "",
+             "memory figures; also with run-config `gradient-checkpointing = true` (each block's activations "
+             "recomputed in the backward pass; its step time is the round's mean step, alone). The last column "
+             "gives the teacher the client's micro-batching too: what is left is what the compressed base and "
+             "LoRA buy.", "",
              "| batch | teacher full FT | client round, default recipe | vs teacher full FT (own) "
+             "| with gradient checkpointing | vs teacher full FT (own) "
              f"| teacher full FT, micro-batches of {micro} | vs that |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["memory_target"]:
         whole, client, micro_ft = r["teacher_full"], r["client"], r["teacher_full_micro"]
+        checkpointed = r["client_checkpointing"]
         lines.append(f"| {r['batch']} x {SEQ_LEN} | {whole['peak_rss'] / 2**20:.0f} ({(whole['peak_rss'] - baseline) / 2**20:.0f}) "
-                     f"| {client['peak_rss'] / 2**20:.0f} ({(client['peak_rss'] - baseline) / 2**20:.0f}) "
+                     f"| {client['peak_rss'] / 2**20:.0f} ({(client['peak_rss'] - baseline) / 2**20:.0f}), "
+                     f"{client['step_seconds']:.2f} s a step "
                      f"| 1/{r['ratio']:.1f} (1/{r['ratio_own']:.1f}) "
+                     f"| {checkpointed['peak_rss'] / 2**20:.0f} ({(checkpointed['peak_rss'] - baseline) / 2**20:.0f}), "
+                     f"{checkpointed['step_seconds']:.2f} s a step "
+                     f"| 1/{r['ratio_checkpointing']:.1f} (1/{r['ratio_checkpointing_own']:.1f}) "
                      f"| {micro_ft['peak_rss'] / 2**20:.0f} ({(micro_ft['peak_rss'] - baseline) / 2**20:.0f}) "
                      f"| 1/{r['ratio_vs_micro']:.1f} |")
     return lines

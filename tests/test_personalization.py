@@ -206,3 +206,29 @@ def test_fedavg_ft_with_validation_never_leaves_the_user_worse_than_the_global_a
     global_loss = evaluate(session.model, validation)["loss"]
     session.use([PERSONAL], trainable=[])
     assert evaluate(session.model, validation)["loss"] <= global_loss + 1e-6
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_update(device):
+    """``gradient-checkpointing`` trades compute for memory: each block runs again in the backward pass."""
+    from shared.training import TokenBlocks, train_adapter
+
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+    blocks = TokenBlocks(ids, torch.ones_like(ids), ids.clone())
+    updates, block_calls = {}, {}
+    for checkpointing in (False, True):
+        adapter_session.cache_clear()
+        session = adapter_session(FederationConfig.from_run_config(
+            run_config(device, "fedavg", **{"gradient-checkpointing": checkpointing})))
+        calls = []
+        # A module inside the block (transformers checkpoints the block's forward, not its hooks), and
+        # its first: the recomputation stops once it has what the backward pass needs.
+        first_norm = session.model.get_base_model().model.layers[0].input_layernorm
+        handle = first_norm.register_forward_hook(lambda *args: calls.append(1))
+        train_adapter(session.model, blocks, steps=2, batch_size=2, learning_rate=0.05)
+        handle.remove()
+        block_calls[checkpointing] = len(calls)
+        updates[checkpointing] = {n: p.detach().clone() for n, p in session.model.named_parameters() if p.requires_grad}
+    adapter_session.cache_clear()
+    assert block_calls == {False: 2, True: 4}
+    for name, tensor in updates[True].items():
+        torch.testing.assert_close(tensor, updates[False][name], rtol=1e-5, atol=1e-7, msg=name)

@@ -24,7 +24,7 @@ from shared.compression.pipeline import (
     score_documents,
     token_blocks,
 )
-from shared.compression.recipe import DEFAULT_RECIPE, Recipe, RecipeError, load_recipe, recipe_from_dict
+from shared.compression.recipe import DEFAULT_RECIPE, Recipe, RecipeError, canonical_json, load_recipe, recipe_from_dict
 from shared.compression.report import REPORT_JSON, REPORT_MD, load_report
 
 PUBLIC = ["the-comedy-of-errors"]  # the shortest play: the public text of these tests
@@ -140,6 +140,13 @@ def test_key_follows_recipe_content_not_formatting(tiny_base: Path, tmp_path: Pa
     ]
     (tmp_path / "config.json").write_text((tiny_base / "config.json").read_text())
     assert len({compressed_key(recipe)} | {compressed_key(other) for other in changed}) == 5
+
+
+def test_key_leaves_out_settings_at_their_default() -> None:
+    # A setting added later, at a default that keeps the old behaviour, then leaves existing keys alone.
+    recipe = Recipe(name="short").with_overrides({"layers.keep": 3, "heal.steps": 0})
+    assert json.loads(canonical_json(recipe)) == {"name": "short", "layers": {"keep": 3}}
+    assert canonical_json(recipe.with_overrides({"seed": 1})) != canonical_json(recipe)
 
 
 def test_key_follows_the_teachers_content_not_its_location(tiny_base: Path, tmp_path: Path) -> None:

@@ -426,8 +426,26 @@ def _to_plain(value: Any) -> Any:
 
 
 def canonical_json(recipe: Recipe) -> str:
-    """The recipe's content as canonical JSON: same settings, same string (comments and order ignored)."""
-    return json.dumps(recipe.to_dict(), sort_keys=True, separators=(",", ":"))
+    """The recipe's content as canonical JSON: same settings, same string (comments and order ignored).
+
+    Settings at their default value are left out, so adding a setting whose default keeps the old
+    behaviour leaves every existing recipe's cache key as it was. Changing a default's value changes
+    what recipes build: bump the pipeline's ``PIPELINE_VERSION`` then.
+    """
+    return json.dumps(_changed(recipe.to_dict(), Recipe().to_dict()), sort_keys=True, separators=(",", ":"))
+
+
+def _changed(settings: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``settings`` that differ from ``defaults``, per section."""
+    changed = {}
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            section = _changed(value, defaults.get(name, {}))
+            if section:
+                changed[name] = section
+        elif name not in defaults or value != defaults[name]:
+            changed[name] = value
+    return changed
 
 
 def _dump_toml(data: Mapping[str, Any]) -> str:
