@@ -106,12 +106,12 @@ def client_round(folder: str, batch: int = BATCH, micro_batch: int = MICRO_BATCH
                  checkpointing: bool = False) -> dict[str, float]:
     """A client's training round: bf16 base + fp32 LoRA, ``train_adapter`` steps, then ``evaluate``.
 
-    ``checkpointing``: as a client with run-config ``gradient-checkpointing = true`` (client/runtime.py).
+    ``checkpointing``: as a client with run-config ``activation-checkpointing = true`` (client/runtime.py).
     """
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     model.requires_grad_(False)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable()  # non-reentrant
     model = attach_adapter(model, lora_config(FederationConfig()))
     blocks = fixed_blocks(model.config.vocab_size, batch)
     start = time.perf_counter()
@@ -371,12 +371,12 @@ def _target_lines(result: dict[str, Any]) -> list[str]:
              f"Peak RSS in MiB (own: minus the {baseline / 2**20:.0f} MiB import baseline) of the default recipe's "
              f"client round (micro-batches of {micro}) against full fine-tuning of the teacher on the same batch, "
              f"at the federation's batch ({BATCH} x {SEQ_LEN}) and at the 8 x {SEQ_LEN} batch of the issue's "
-             "memory figures; also with run-config `gradient-checkpointing = true` (each block's activations "
+             "memory figures; also with run-config `activation-checkpointing = true` (each block's activations "
              "recomputed in the backward pass; its step time is the round's mean step, alone). The last column "
              "gives the teacher the client's micro-batching too: what is left is what the compressed base and "
              "LoRA buy.", "",
              "| batch | teacher full FT | client round, default recipe | vs teacher full FT (own) "
-             "| with gradient checkpointing | vs teacher full FT (own) "
+             "| with activation checkpointing | vs teacher full FT (own) "
              f"| teacher full FT, micro-batches of {micro} | vs that |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["memory_target"]:

@@ -74,8 +74,8 @@ def device_config(config: FederationConfig, node_config: Mapping[str, Any]) -> F
 def adapter_session(config: FederationConfig) -> AdapterSession:
     # A fresh copy of the base per session: peft injects adapters into the model it wraps.
     base = load_model(config.base_model, config.base_dtype)
-    if config.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.activation_checkpointing:
+        base.activation_checkpointing_enable()  # non-reentrant
     tokenizer, base_hash = load_tokenizer(config.base_model), weights_hash(base)
     model = attach_adapter(base, lora_config(config), seed=config.seed, adapter_name=SHARED, extra_adapters=(PERSONAL,))
     initial = {adapter: adapter_state(model, adapter) for adapter in (SHARED, PERSONAL)}

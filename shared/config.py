@@ -63,7 +63,7 @@ class FederationConfig:
     local_steps: int = 12
     batch_size: int = 4
     micro_batch_size: int = 1
-    gradient_checkpointing: bool = False
+    activation_checkpointing: bool = False
     seq_len: int = 128
     learning_rate: float = 0.002
     max_eval_blocks: int = 32

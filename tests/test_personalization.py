@@ -208,8 +208,8 @@ def test_fedavg_ft_with_validation_never_leaves_the_user_worse_than_the_global_a
     assert evaluate(session.model, validation)["loss"] <= global_loss + 1e-6
 
 
-def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_update(device):
-    """``gradient-checkpointing`` trades compute for memory: each block runs again in the backward pass."""
+def test_activation_checkpointing_recomputes_the_blocks_and_gives_the_same_update(device):
+    """``activation-checkpointing`` trades compute for memory: each block runs again in the backward pass."""
     from shared.training import TokenBlocks, train_adapter
 
     ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -218,7 +218,7 @@ def test_gradient_checkpointing_recomputes_the_blocks_and_gives_the_same_update(
     for checkpointing in (False, True):
         adapter_session.cache_clear()
         session = adapter_session(FederationConfig.from_run_config(
-            run_config(device, "fedavg", **{"gradient-checkpointing": checkpointing})))
+            run_config(device, "fedavg", **{"activation-checkpointing": checkpointing})))
         calls = []
         # A module inside the block (transformers checkpoints the block's forward, not its hooks), and
         # its first: the recomputation stops once it has what the backward pass needs.
