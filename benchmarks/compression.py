@@ -188,14 +188,19 @@ def memory_target(teacher_folder: Path, default_folder: Path, baseline: int,
                                                          measure_training(default_folder, batch=batch))
         checkpointed = measure_training(default_folder, batch=batch, checkpointing=True)
         micro = measure_training(teacher_folder, full=True, batch=batch, micro_batch=MICRO_BATCH)
+        ratio, ratio_own = _peak_ratios(whole, client, baseline)
+        ratio_checkpointing, ratio_checkpointing_own = _peak_ratios(whole, checkpointed, baseline)
         rows.append({"batch": batch, "teacher_full": whole, "teacher_full_micro": micro, "client": client,
-                     "client_checkpointing": checkpointed,
-                     "ratio": whole["peak_rss"] / client["peak_rss"],
-                     "ratio_own": (whole["peak_rss"] - baseline) / max(client["peak_rss"] - baseline, 1),
-                     "ratio_checkpointing": whole["peak_rss"] / checkpointed["peak_rss"],
-                     "ratio_checkpointing_own": (whole["peak_rss"] - baseline) / max(checkpointed["peak_rss"] - baseline, 1),
+                     "client_checkpointing": checkpointed, "ratio": ratio, "ratio_own": ratio_own,
+                     "ratio_checkpointing": ratio_checkpointing, "ratio_checkpointing_own": ratio_checkpointing_own,
                      "ratio_vs_micro": micro["peak_rss"] / client["peak_rss"]})
     return rows
+
+
+def _peak_ratios(whole: dict[str, float], measured: dict[str, float], baseline: int) -> tuple[float, float]:
+    """How many times ``measured``'s peak fits in ``whole``'s: whole processes, and less the import baseline."""
+    return (whole["peak_rss"] / measured["peak_rss"],
+            (whole["peak_rss"] - baseline) / max(measured["peak_rss"] - baseline, 1))
 
 
 # --- the table ---------------------------------------------------------------------------------------

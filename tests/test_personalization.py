@@ -18,7 +18,7 @@ from shared.adapters import adapter_state, attach_adapter, lora_config, to_array
 from shared.base_model import load_model
 from shared.config import FederationConfig
 from shared.methods import PERSONAL, SHARED
-from shared.training import evaluate, hold_out
+from shared.training import TokenBlocks, evaluate, hold_out, train_adapter
 
 LINES = ["Fair is foul, and foul is fair.", "When shall we three meet again?", "All the world's a stage.",
          "To be, or not to be, that is the question.", "If music be the food of love, play on."] * 6
@@ -210,8 +210,6 @@ def test_fedavg_ft_with_validation_never_leaves_the_user_worse_than_the_global_a
 
 def test_activation_checkpointing_recomputes_the_blocks_and_gives_the_same_update(device):
     """``activation-checkpointing`` trades compute for memory: each block runs again in the backward pass."""
-    from shared.training import TokenBlocks, train_adapter
-
     ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
     blocks = TokenBlocks(ids, torch.ones_like(ids), ids.clone())
     updates, block_calls = {}, {}
