@@ -155,9 +155,13 @@ def _coerce(key: str, raw: Any, kind: type) -> Any:
     """Flower gives TOML types; accept ints for floats, and numeric strings from node configs."""
     try:
         if kind is bool:
-            if isinstance(raw, str):
-                return raw.strip().lower() in ("1", "true", "yes")
-            return bool(raw)
+            # A typo such as "ture" must not quietly mean false.
+            words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+            if isinstance(raw, str) and raw.strip().lower() in words:
+                return words[raw.strip().lower()]
+            if isinstance(raw, (bool, int)) and raw in (0, 1):
+                return bool(raw)
+            raise ValueError("not a boolean (true or false)")
         if kind is int:
             if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError("not an integer")

@@ -19,6 +19,8 @@ def test_values_are_coerced_and_read():
     assert config.num_server_rounds == 5
     assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
     assert config.target_modules == ["q_proj", "k_proj"]
+    for raw, expected in ((True, True), ("false", False), ("Yes", True), ("0", False), (1, True)):
+        assert FederationConfig.from_run_config({"activation-checkpointing": raw}).activation_checkpointing is expected
 
 
 @pytest.mark.parametrize(
@@ -37,6 +39,8 @@ def test_values_are_coerced_and_read():
         ({"validate-every": 0}, "validate-every must be > 0"),
         ({"micro-batch-size": 0}, "micro-batch-size must be > 0"),
         ({"personal-learning-rate": -0.1}, "personal-learning-rate must be >= 0"),
+        ({"activation-checkpointing": "ture"}, "'activation-checkpointing' expects bool"),
+        ({"activation-checkpointing": 2}, "'activation-checkpointing' expects bool"),
     ],
 )
 def test_bad_run_config_is_refused_by_name(run_config, message):
