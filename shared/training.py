@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-IGNORE_INDEX = -100
+from shared.lm_loss import IGNORE_INDEX, next_token_loss
 
 
 @dataclass(frozen=True)
@@ -171,8 +171,7 @@ def accumulate_gradients(model: torch.nn.Module, batch: TokenBlocks, micro_batch
     total = 0.0
     for start in range(0, len(batch), micro_batch_size):
         micro = batch.select(list(range(start, min(start + micro_batch_size, len(batch)))))
-        loss = model(input_ids=micro.input_ids, attention_mask=micro.attention_mask, labels=micro.labels,
-                     num_items_in_batch=tokens).loss
+        loss = next_token_loss(model, micro.input_ids, micro.attention_mask, micro.labels, tokens)
         if not torch.isfinite(loss):
             return loss.item()
         loss.backward()
