@@ -27,7 +27,7 @@ CHUNK_POSITIONS = 32  # 32 positions x a 13.7k vocabulary: 1.7 MB of float32 log
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
-def next_token_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+def next_token_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
                     num_items_in_batch: torch.Tensor, chunk_positions: int = CHUNK_POSITIONS) -> torch.Tensor:
     """Summed next-token cross-entropy over ``labels`` (shifted inside) divided by ``num_items_in_batch``.
 
@@ -62,32 +62,37 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     With p = softmax(logits), d/dlogits = p - onehot(target) at each position with a target (zero
     elsewhere); so d/dhidden = (p - onehot) @ weight and d/dweight = (p - onehot).T @ hidden, both
-    accumulated in the forward pass. The logits are computed in the hidden states' dtype and scored
-    in float32, as transformers' loss does after its upcast.
+    accumulated in the forward pass. The logits are computed in the hidden states' dtype (autocast's,
+    under autocast) and scored in float32, as transformers' loss does after its upcast.
     """
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk: int) -> torch.Tensor:
-        weight_as_hidden = weight.to(hidden.dtype)
+        device = hidden.device.type
+        # Under autocast the matmuls run in its dtype, as the head would; the weight is cast once,
+        # not once per chunk as autocast would do.
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         scored = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for gradcheck
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=scored) if ctx.needs_input_grad[1] else None
-        total = torch.zeros((), dtype=scored)
-        for start in range(0, hidden.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            logits = (hidden[rows] @ weight_as_hidden.t()).to(scored)
-            counted = targets[rows] != IGNORE_INDEX
-            picked = targets[rows].clamp(min=0).unsqueeze(1)
-            log_normaliser = torch.logsumexp(logits, dim=1, keepdim=True)
-            total += ((log_normaliser - logits.gather(1, picked)).squeeze(1) * counted).sum()
-            grad_logits = logits.sub_(log_normaliser).exp_()  # softmax, in place of the logits
-            grad_logits.scatter_add_(1, picked, torch.full_like(log_normaliser, -1.0))
-            grad_logits.mul_(counted.unsqueeze(1))
-            grad_hidden[rows] = grad_logits.to(hidden.dtype) @ weight_as_hidden
-            if grad_weight is not None:
-                grad_weight += grad_logits.t() @ hidden[rows].to(scored)
-        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
+        with torch.autocast(device, enabled=False):
+            hidden_c, weight_c = hidden.to(compute), weight.to(compute)
+            grad_hidden = torch.empty_like(hidden_c)
+            grad_weight = torch.zeros(weight.shape, dtype=scored) if ctx.needs_input_grad[1] else None
+            total = torch.zeros((), dtype=scored)
+            for start in range(0, hidden.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                logits = (hidden_c[rows] @ weight_c.t()).to(scored)
+                counted = targets[rows] != IGNORE_INDEX
+                picked = targets[rows].clamp(min=0).unsqueeze(1)
+                log_normaliser = torch.logsumexp(logits, dim=1, keepdim=True)
+                total += ((log_normaliser - logits.gather(1, picked)).squeeze(1) * counted).sum()
+                grad_logits = logits.sub_(log_normaliser).exp_()  # softmax, in place of the logits
+                grad_logits.scatter_add_(1, picked, torch.full_like(log_normaliser, -1.0))
+                grad_logits.mul_(counted.unsqueeze(1))
+                grad_hidden[rows] = grad_logits.to(compute) @ weight_c
+                if grad_weight is not None:
+                    grad_weight += grad_logits.t() @ hidden_c[rows].to(scored)
+        ctx.save_for_backward(grad_hidden.to(hidden.dtype), grad_weight if grad_weight is not None else torch.empty(0))
         ctx.weight_dtype = weight.dtype
         return total
 

@@ -77,9 +77,10 @@ from shared.compression.recipe import Recipe, RecipeError, canonical_json, load_
 from shared.compression.report import REPORT_JSON, REPORT_MD, render_markdown
 from shared.compression.sharing import share_layers
 from shared.compression.vocab import trim_vocabulary, used_token_ids, word_form_ids
+from shared.lm_loss import next_token_loss
 from shared.training import IGNORE_INDEX
 
-PIPELINE_VERSION = 3  # bump when the build changes what a recipe produces: old cache entries then miss
+PIPELINE_VERSION = 4  # bump when the build changes what a recipe produces: old cache entries then miss
 RECIPE_FILE = "recipe.toml"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 EVAL_TOKENS_PER_BATCH = 1024
@@ -564,6 +565,7 @@ def _learning_rate(recipe: Recipe, step: int, elapsed: float, time_budget_s: flo
 
 
 HEALING_ATTENTION = "fedgraft_fp32_sdpa"
+HEALING_LOSS_CHUNK = 256  # positions per chunk of the cross-entropy: 14 MB of float32 logits at 13.7k ids
 
 
 def fp32_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -660,9 +662,17 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
                 with torch.no_grad():  # autocast would re-cast the weights every pass: see teacher_dtype
                     teacher_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=matching)
         teacher_seconds += time.perf_counter() - teacher_start
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.autocast):
-            out = student(input_ids=batch, use_cache=False, output_hidden_states=matching and use_teacher)
-        logits, labels = out.logits[:, :-1], batch[:, 1:]
+        labels = batch[:, 1:]
+        if not use_teacher:
+            # Cross-entropy alone: the head and the loss in chunks, gradient in closed form (no
+            # autograd pass over the batch's float32 logits; 1.2x faster steps here).
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.autocast):
+                loss = next_token_loss(student, batch, None, batch, torch.tensor(labels.numel()),
+                                       chunk_positions=HEALING_LOSS_CHUNK)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.autocast):
+                out = student(input_ids=batch, use_cache=False, output_hidden_states=matching)
+            logits = out.logits[:, :-1]
         if use_teacher and distilling:
             if topk is not None:
                 # Every position, the last one unlabelled: slicing the logits would copy them.
@@ -673,7 +683,7 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
                 loss = distillation_loss(logits, teacher_out.logits[:, :-1], labels, settings.kd_alpha,
                                          settings.kd_temperature)
             kd_steps += 1
-        else:
+        elif use_teacher:  # hidden-state matching alone
             loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
         if use_teacher and matching:
             loss = loss + settings.hidden_weight * hidden_state_loss(out.hidden_states, teacher_out.hidden_states,
