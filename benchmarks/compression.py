@@ -57,8 +57,8 @@ MICRO_BATCH = FederationConfig().micro_batch_size  # what a client uses unless i
 # and evaluation. No healing: the rows show what a technique costs by itself.
 ALONE: list[tuple[str, str, dict[str, Any]]] = [
     ("trim", "vocabulary trimmed to the tokens of the recipe's vocabulary plays", {"vocab.trim": True}),
-    ("trim + word forms", "trimmed, keeping each public word with and without a leading space",
-     {"vocab.trim": True, "vocab.word_forms": ["as-is"]}),
+    ("trim + word forms", "trimmed, keeping each public word as written, lower-cased and capitalized, "
+     "with and without a leading space", {"vocab.trim": True, "vocab.word_forms": ["as-is", "lower", "capitalized"]}),
     ("layer drop", "7 of 30 blocks kept (ends), linear bridge", {"layers.keep": 7, "layers.how": "ends",
                                                                "layers.bridge": True}),
     ("head prune", "3 -> 2 KV groups per block (activation scores)", {"heads.keep_kv_heads": 2}),
