@@ -26,16 +26,18 @@ def _loss_and_grads(model, loss_fn) -> tuple[float, list[torch.Tensor]]:
     return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
+def _lora_model(base, targets=("q_proj", "v_proj")):
+    base.requires_grad_(False)
+    return attach_adapter(base, LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), task_type="CAUSAL_LM"))
+
+
 def _models_own_loss(model, ids, mask, labels, count):
     return lambda: model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=count).loss
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 32, 1000])
 def test_equals_the_models_loss_and_lora_gradients(chunk):
-    base = build_model(VOCAB)
-    base.requires_grad_(False)
-    model = attach_adapter(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                            task_type="CAUSAL_LM"))
+    model = _lora_model(build_model(VOCAB))
     assert _decoder_and_head(model) is not None  # the chunked path is taken, not the fallback
     ids, mask, labels, count = _batch()
     expected, expected_grads = _loss_and_grads(model, _models_own_loss(model, ids, mask, labels, count))
@@ -56,10 +58,7 @@ def test_a_trainable_tied_head_gets_its_gradient_too():
 
 
 def test_a_bfloat16_base_matches_within_bfloat16_rounding():
-    base = build_model(VOCAB).to(torch.bfloat16)
-    base.requires_grad_(False)
-    model = attach_adapter(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                            task_type="CAUSAL_LM"))
+    model = _lora_model(build_model(VOCAB).to(torch.bfloat16))
     ids, mask, labels, count = _batch(2)
     expected, expected_grads = _loss_and_grads(model, _models_own_loss(model, ids, mask, labels, count))
     loss, grads = _loss_and_grads(model, lambda: next_token_loss(model, ids, mask, labels, count, 16))
@@ -70,10 +69,7 @@ def test_a_bfloat16_base_matches_within_bfloat16_rounding():
 
 
 def test_a_lora_wrapped_head_falls_back_to_the_models_loss():
-    base = build_model(VOCAB)
-    base.requires_grad_(False)
-    model = attach_adapter(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
-                                            task_type="CAUSAL_LM"))
+    model = _lora_model(build_model(VOCAB), targets=("q_proj", "lm_head"))
     assert _decoder_and_head(model) is None
     ids, mask, labels, count = _batch(3)
     expected, expected_grads = _loss_and_grads(model, _models_own_loss(model, ids, mask, labels, count))

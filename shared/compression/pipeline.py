@@ -663,16 +663,15 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
                     teacher_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=matching)
         teacher_seconds += time.perf_counter() - teacher_start
         labels = batch[:, 1:]
-        if not use_teacher:
-            # Cross-entropy alone: the head and the loss in chunks, gradient in closed form (no
-            # autograd pass over the batch's float32 logits; 1.2x faster steps here).
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.autocast):
+            if not use_teacher:
+                # Cross-entropy alone: the head and the loss in chunks, gradient in closed form (no
+                # autograd pass over the batch's float32 logits; 1.15x faster steps here).
                 loss = next_token_loss(student, batch, None, batch, torch.tensor(labels.numel()),
                                        chunk_positions=HEALING_LOSS_CHUNK)
-        else:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.autocast):
+            else:
                 out = student(input_ids=batch, use_cache=False, output_hidden_states=matching)
-            logits = out.logits[:, :-1]
+                logits = out.logits[:, :-1]
         if use_teacher and distilling:
             if topk is not None:
                 # Every position, the last one unlabelled: slicing the logits would copy them.
