@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     folders = args.folders
     if not folders:
         sys.path.insert(0, str(ROOT))
-        from shared.compression.pipeline import build_compressed_base
+        from compressor import build_compressed_base
 
         folders = [str(build_compressed_base(None))]
     summary, details = [], []

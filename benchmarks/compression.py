@@ -13,7 +13,7 @@ does, peft LoRA r8 on q_proj,v_proj in fp32, 4 steps of ``shared.training.train_
 doing *full* fine-tuning of the teacher in fp32 with AdamW on the whole batch (the baseline of the 1/8
 target), both also minus the peak of a process that only imports the same modules; the fastest client
 step after the first; and the perplexity on held-out client text per teacher token (see
-shared/compression/report.py). The 1/8 target is also measured at the issue's 8 x 128 batch, and the
+compressor/report.py). The 1/8 target is also measured at the issue's 8 x 128 batch, and the
 teacher's full fine-tuning in the client's micro-batches, to show what micro-batching alone buys it.
 
     python benchmarks/compression.py            # writes benchmarks/results/compression.md and .json
@@ -39,13 +39,13 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from compressor.build import build_compressed_base  # noqa: E402
+from compressor.measure import peak_rss_subprocess  # noqa: E402
+from compressor.recipe import Recipe, load_recipe  # noqa: E402
+from compressor.report import load_report  # noqa: E402
 from shared.adapters import attach_adapter, lora_config  # noqa: E402
-from shared.compression.measure import peak_rss_subprocess  # noqa: E402
-from shared.memory import peak_rss_bytes  # noqa: E402
-from shared.compression.pipeline import build_compressed_base  # noqa: E402
-from shared.compression.recipe import Recipe, load_recipe  # noqa: E402
-from shared.compression.report import load_report  # noqa: E402
 from shared.config import FederationConfig  # noqa: E402
+from shared.memory import peak_rss_bytes  # noqa: E402
 from shared.training import TokenBlocks, accumulate_gradients, evaluate, train_adapter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compression.md"
@@ -415,7 +415,7 @@ def render(result: dict[str, Any]) -> str:
         "# Compression benchmark",
         "",
         "Each technique alone applied to the SmolLM2-135M teacher by the pipeline *without healing*, and the "
-        "default recipe (`shared/compression/recipes/default.toml`), all measured in one run. Written by "
+        "default recipe (`compressor/recipes/default.toml`), all measured in one run. Written by "
         "`benchmarks/compression.py`.",
         "",
         "Command:",

@@ -3,7 +3,7 @@
 The teacher at full depth, no healing: its vocabulary trimmed to the tokens of the default recipe's
 vocabulary plays (``vocab.plays``, else all public plays), plus
 public words in other spellings (``vocab.word_forms``), or plus the teacher's lowest (most frequent)
-ids; each scored on held-out client text per *teacher* token (see shared/compression/report.py), as a
+ids; each scored on held-out client text per *teacher* token (see compressor/report.py), as a
 ratio to the untrimmed teacher in the same run.
 
     python benchmarks/vocabulary.py                # all 200 evaluation speeches, about 3 minutes idle
@@ -22,9 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.compression.pipeline import _load_teacher, client_eval_documents, encode_documents, public_texts, score_documents  # noqa: E402
-from shared.compression.recipe import load_recipe  # noqa: E402
-from shared.compression.vocab import trim_vocabulary, used_token_ids, word_form_ids  # noqa: E402
+from compressor.evaluate import score_documents  # noqa: E402
+from compressor.recipe import load_recipe  # noqa: E402
+from compressor.texts import client_eval_documents, encode_documents, public_texts  # noqa: E402
+from compressor.vocab import trim_vocabulary, used_token_ids, word_form_ids  # noqa: E402
+from shared.base_model import load_model, load_tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "vocabulary.md"
 
@@ -37,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     torch.set_grad_enabled(False)
     recipe = load_recipe(None)
-    teacher, tokenizer, _ = _load_teacher(recipe.teacher)
-    teacher = teacher.to(torch.bfloat16)
+    teacher, tokenizer = load_model(recipe.teacher).to(torch.bfloat16), load_tokenizer(recipe.teacher)
     public = public_texts(recipe, recipe.vocab_plays)
     documents = client_eval_documents(recipe)
     documents = documents[: args.documents] if args.documents else documents

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 IGNORE_INDEX = -100
-CHUNK_POSITIONS = 32  # 32 positions x the default base's 16.9k ids: 2.2 MB of float32 logits at a time
+CHUNK_POSITIONS = 32  # positions per chunk: chunk x vocabulary float32 logits are alive at a time
 
 # Model types whose ``ForCausalLM.forward`` is ``lm_head(norm(decoder(x)))`` and the standard loss.
 PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})

@@ -7,7 +7,7 @@ steps, and the Trainer's set-up would cost more than the steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,11 @@ class TokenBlocks:
     def num_tokens(self) -> int:
         """Tokens that are predicted (the first of each block has no context and is not)."""
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    @classmethod
+    def unpadded(cls, input_ids: torch.Tensor) -> "TokenBlocks":
+        """Full blocks of token ids ``[blocks, seq_len]``: every position attended and predicted."""
+        return cls(input_ids, torch.ones_like(input_ids), input_ids)
 
     def select(self, indices: torch.Tensor | list[int]) -> "TokenBlocks":
         return TokenBlocks(self.input_ids[indices], self.attention_mask[indices], self.labels[indices])
@@ -56,16 +61,25 @@ def tokenize_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], se
     return TokenBlocks(input_ids, attention_mask, labels)
 
 
-def batches(blocks: TokenBlocks, batch_size: int, steps: int, seed: int):
-    """``steps`` batches drawn by reshuffling the blocks each epoch (seeded)."""
+def batch_indices(count: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """``steps`` batches of indices into ``count`` items, reshuffled each epoch (seeded).
+
+    An epoch's tail shorter than a batch is dropped (a fresh permutation starts), unless the whole
+    epoch is shorter than one batch.
+    """
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(blocks), generator=generator)
+    order = torch.randperm(count, generator=generator)
     position = 0
     for _ in range(steps):
         if position + batch_size > len(order) and position > 0:
-            order, position = torch.randperm(len(blocks), generator=generator), 0
-        indices = order[position : position + batch_size]
+            order, position = torch.randperm(count, generator=generator), 0
+        yield order[position : position + batch_size]
         position += batch_size
+
+
+def batches(blocks: TokenBlocks, batch_size: int, steps: int, seed: int) -> Iterator[TokenBlocks]:
+    """``steps`` batches of blocks drawn by ``batch_indices``."""
+    for indices in batch_indices(len(blocks), batch_size, steps, seed):
         yield blocks.select(indices)
 
 
@@ -116,6 +130,11 @@ def train_adapter(
 ) -> dict[str, float]:
     """Train the model's trainable (adapter) parameters with AdamW; returns mean loss and steps.
 
+    ``seed`` fixes every random draw of the run: the batch order and dropout. Dropout draws from
+    torch's global generator, whose position would otherwise depend on everything the process did
+    before (a resumed run's fresh processes, clients spread over actors differently): it is seeded
+    here inside a fork, so the caller's generator is left as it was.
+
     ``penalty`` adds a regulariser to each step's loss (FedProx's and Ditto's proximal terms); the
     reported loss is the language-model loss alone.
 
@@ -137,6 +156,15 @@ def train_adapter(
     micro_batch_size = micro_batch_size or batch_size
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _train_steps(model, parameters, blocks, steps, batch_size, learning_rate, seed, penalty, validation,
+                            validate_every, micro_batch_size)
+
+
+def _train_steps(model: torch.nn.Module, parameters: list[torch.nn.Parameter], blocks: TokenBlocks, steps: int,
+                 batch_size: int, learning_rate: float, seed: int, penalty: Callable[[], torch.Tensor] | None,
+                 validation: TokenBlocks | None, validate_every: int, micro_batch_size: int) -> dict[str, float]:
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
     model.train()
     best = BestCheckpoint(model, parameters, validation, micro_batch_size) if validation is not None else None
@@ -190,14 +218,22 @@ def proximal_penalty(parameters: dict[str, torch.nn.Parameter], anchor: dict[str
     return penalty
 
 
+def in_order(blocks: TokenBlocks, batch_size: int) -> Iterator[TokenBlocks]:
+    """The blocks in their order, ``batch_size`` at a time (the last batch may be smaller)."""
+    for start in range(0, len(blocks), batch_size):
+        yield blocks.select(list(range(start, min(start + batch_size, len(blocks)))))
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, blocks: TokenBlocks, batch_size: int = 8) -> dict[str, float]:
-    """Token-weighted mean next-token loss, perplexity and accuracy over all blocks."""
+def next_token_sums(model: torch.nn.Module, batches: Iterable[TokenBlocks]) -> tuple[float, int, int]:
+    """(summed next-token loss, predicted tokens, correct argmax predictions) over the batches.
+
+    The model is put in eval mode. Positions labelled IGNORE_INDEX (padding) count in none of the three.
+    """
     model.eval()
     total_loss, total_tokens, correct = 0.0, 0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = blocks.select(list(range(start, min(start + batch_size, len(blocks)))))
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    for batch in batches:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.float()
         targets = batch.labels[:, 1:]
         predictions = logits[:, :-1]
         mask = targets != IGNORE_INDEX
@@ -207,6 +243,12 @@ def evaluate(model: torch.nn.Module, blocks: TokenBlocks, batch_size: int = 8) -
         total_loss += loss.item()
         total_tokens += int(mask.sum())
         correct += int(((predictions.argmax(-1) == targets) & mask).sum())
+    return total_loss, total_tokens, correct
+
+
+def evaluate(model: torch.nn.Module, blocks: TokenBlocks, batch_size: int = 8) -> dict[str, float]:
+    """Token-weighted mean next-token loss, perplexity and accuracy over all blocks (model left in eval mode)."""
+    total_loss, total_tokens, correct = next_token_sums(model, in_order(blocks, batch_size))
     mean_loss = total_loss / max(total_tokens, 1)
     return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50.0)), "accuracy": correct / max(total_tokens, 1),
             "tokens": float(total_tokens)}

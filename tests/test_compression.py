@@ -10,39 +10,28 @@ import torch
 from tiny import build_model
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from shared.base_model import weights_hash
-from shared.compression.distill import (
-    TopKLogitCache,
-    distillation_loss,
-    distillation_loss_topk,
-    hidden_layer_map,
-    hidden_state_loss,
-    topk_teacher_logits,
-)
-from shared.compression.layers import (
+from compressor.distill import distillation_loss, distillation_loss_topk, hidden_layer_map, hidden_state_loss
+from compressor.layers import (
     LINEAR_NAMES,
     UnsupportedModelError,
     block_linear,
     drop_layers,
     kv_group_activation_scores,
     layer_importance,
-    magnitude_prune,
     mlp_activation_scores,
     prune_heads,
     prune_mlp_neurons,
     select_layers,
     select_layers_by_importance,
 )
-from shared.compression.lowrank import LowRankLinear, densify, factorize_model
-from shared.compression.measure import (
-    parameter_count,
-    peak_rss_subprocess,
-    perplexity,
-    sparse_nbytes,
-    storage_bytes,
-)
-from shared.compression.quantize import cast_base, int8_weight_only
-from shared.compression.sharing import share_layers, unique_parameter_count
+from compressor.lowrank import LowRankLinear, densify_linear, factorize_model
+from compressor.magnitude import linear_sparsity, magnitude_masks
+from compressor.measure import parameter_count, peak_rss_subprocess, sparse_nbytes, storage_bytes
+from compressor.quantize import cast_base
+from compressor.sharing import share_layers
+from compressor.topk import TopKStore
+from shared.base_model import weights_hash
+from shared.training import TokenBlocks, evaluate
 
 VOCAB = 384
 
@@ -177,13 +166,17 @@ def test_prune_mlp_neurons(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_pa
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-def test_magnitude_prune_reaches_target_sparsity(model: LlamaForCausalLM, scope: str) -> None:
-    measured = magnitude_prune(model, 0.6, scope=scope)
-    assert measured == pytest.approx(0.6, abs=0.01)
+def test_magnitude_masks_reach_target_sparsity(model: LlamaForCausalLM, scope: str) -> None:
+    masks = magnitude_masks(model, 0.6, LINEAR_NAMES, scope)
+    assert linear_sparsity(model, LINEAR_NAMES) == pytest.approx(0.6, abs=0.01)
+    assert len(masks) == 4 * len(LINEAR_NAMES)  # one per projection of each of the 4 blocks
+    assert all(torch.equal(weight == 0, ~mask) for weight, mask in masks)
     mlp = model.model.layers[1].mlp.down_proj
-    assert type(mlp.weight) is torch.nn.Parameter and not hasattr(mlp, "weight_orig")
+    assert type(mlp.weight) is torch.nn.Parameter
     if scope == "layer":
         assert (mlp.weight == 0).float().mean().item() == pytest.approx(0.6, abs=0.01)
+    with pytest.raises(ValueError, match="scope"):
+        magnitude_masks(model, 0.5, LINEAR_NAMES, "row")
 
 
 # --- lowrank ------------------------------------------------------------------------------------------
@@ -226,7 +219,9 @@ def test_factorize_by_energy_and_state_dict_round_trip(model: LlamaForCausalLM, 
     assert "model.layers.0.mlp.gate_proj.weight" in state and "model.layers.0.mlp.gate_proj.first" not in state
     model.load_state_dict(state)
     assert torch.allclose(logits(model, tokens), before, atol=1e-5)
-    densify(model)
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LowRankLinear):
+            model.set_submodule(path, densify_linear(module))
     assert type(model.model.layers[0].mlp.gate_proj) is torch.nn.Linear
     assert torch.allclose(logits(model, tokens), before, atol=1e-5)
 
@@ -237,9 +232,9 @@ BLOCK_PARAMETERS = (32 * 32 + 2 * 16 * 32 + 32 * 32) + 3 * 64 * 32 + 2 * 32  # a
 
 
 def test_share_layers_reduces_unique_parameters(model: LlamaForCausalLM) -> None:
-    before = unique_parameter_count(model)
+    before = parameter_count(model)
     share_layers(model, [[0, 1, 2], [3]])
-    assert unique_parameter_count(model) == before - 2 * BLOCK_PARAMETERS
+    assert parameter_count(model) == before - 2 * BLOCK_PARAMETERS
     assert parameter_count(model, unique=False) > parameter_count(model, unique=True)
     layers = model.model.layers
     assert layers[2].mlp.down_proj.weight is layers[0].mlp.down_proj.weight
@@ -259,14 +254,14 @@ def test_shared_layers_stay_tied_after_an_optimizer_step(model: LlamaForCausalLM
 
 
 def test_shared_model_saves_untied_and_reloads(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_path: Path) -> None:
-    dense = unique_parameter_count(model)
+    dense = parameter_count(model)
     share_layers(model, [[0, 1], [2, 3]])
     before = logits(model, tokens)
     loaded = reload(model, tmp_path)
     assert torch.equal(logits(loaded, tokens), before)
-    assert unique_parameter_count(loaded) == dense  # the saving is in memory only
+    assert parameter_count(loaded) == dense  # the saving is in memory only
     share_layers(loaded, [[0, 1], [2, 3]])
-    assert unique_parameter_count(loaded) == unique_parameter_count(model)
+    assert parameter_count(loaded) == parameter_count(model)
     assert torch.equal(logits(loaded, tokens), before)
 
 
@@ -274,21 +269,22 @@ def test_shared_model_saves_untied_and_reloads(model: LlamaForCausalLM, tokens: 
 
 
 def test_perplexity_and_storage(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_path: Path) -> None:
-    ppl = perplexity(model, tokens, batch_size=1)
+    blocks = TokenBlocks.unpadded(tokens)
+    ppl = evaluate(model, blocks, batch_size=1)["perplexity"]
     with torch.no_grad():
         loss = model(input_ids=tokens, labels=tokens).loss  # mean over all predicted tokens
     assert ppl == pytest.approx(loss.exp().item(), rel=1e-4)
-    assert perplexity(model, list(tokens), batch_size=2) == pytest.approx(ppl, rel=1e-5)
+    assert evaluate(model, blocks, batch_size=2)["perplexity"] == pytest.approx(ppl, rel=1e-5)
     model.save_pretrained(tmp_path)
     # Tied embeddings are stored once, in fp32, plus a few kB of safetensors header.
-    weights = 4 * unique_parameter_count(model)
+    weights = 4 * parameter_count(model)
     assert weights < storage_bytes(tmp_path) < weights + 8192
 
 
 def test_sparse_nbytes_counts_only_nonzeros(model: LlamaForCausalLM) -> None:
     dense = sparse_nbytes(model)
-    assert dense == 4 * unique_parameter_count(model)  # nothing is zero: every tensor stays dense
-    magnitude_prune(model, 0.9, scope="layer")
+    assert dense == 4 * parameter_count(model)  # nothing is zero: every tensor stays dense
+    magnitude_masks(model, 0.9, LINEAR_NAMES, "layer")
     pruned = sum(block_linear(layer, n).weight.numel() for layer in model.model.layers for n in LINEAR_NAMES)
     # Roughly: the pruned matrices shrink to 10% of the values plus one bit per entry.
     expected = dense - 4 * pruned + round(0.1 * 4 * pruned) + pruned // 8
@@ -396,15 +392,23 @@ def test_hidden_state_loss_and_layer_map() -> None:
     assert hidden_state_loss(student, teacher, layer_map).item() == pytest.approx(1 / 3)
 
 
-def test_topk_logit_cache(model: LlamaForCausalLM, tokens: torch.Tensor, tmp_path: Path) -> None:
-    cache = TopKLogitCache.build(model, tokens, k=4, batch_size=1)
-    values, indices = topk_teacher_logits(model, tokens, k=4)
-    assert len(cache) == 2 and torch.equal(cache.values, values) and torch.equal(cache.indices.long(), indices)
-    cache.save(tmp_path / "topk.safetensors")
-    loaded = TopKLogitCache.load(tmp_path / "topk.safetensors")
-    ids, batch_values, batch_indices = loaded[1:]
-    assert torch.equal(ids, tokens[1:]) and torch.equal(batch_values, values[1:])
-    assert torch.equal(batch_indices, cache.indices[1:])
+def test_topk_store_runs_the_teacher_once_per_block(model: LlamaForCausalLM, tokens: torch.Tensor,
+                                                    tmp_path: Path) -> None:
+    with torch.no_grad():
+        values, indices = model(input_ids=tokens).logits.float().topk(4, dim=-1)
+    path = tmp_path / "topk.safetensors"
+    store = TopKStore(path, tokens, k=4)
+    got_values, got_indices = store.get(model, torch.tensor([1]))
+    assert torch.equal(got_indices.long(), indices[1:])
+    assert torch.equal(got_values, values[1:].to(torch.bfloat16).float())  # stored in bfloat16
+    store.get(model, torch.tensor([1, 0]))
+    assert (store.computed, store.loaded) == (2, 0)  # block 1 was not computed again
+    store.save()
+    again = TopKStore(path, tokens, k=4)
+    both_values, both_indices = again.get(model, torch.tensor([0, 1]))
+    assert (again.computed, again.loaded) == (0, 2)
+    assert torch.equal(both_indices.long(), indices) and torch.equal(both_values, values.to(torch.bfloat16).float())
+    assert TopKStore(path, tokens.flip(0), k=4).loaded == 0  # other blocks: nothing reused
 
 
 # --- quantize -----------------------------------------------------------------------------------------
@@ -423,11 +427,6 @@ def test_cast_base_keeps_lora_fp32(model: LlamaForCausalLM, tokens: torch.Tensor
     peft_model(input_ids=tokens, labels=tokens).loss.backward()
     lora_grads = [p.grad for name, p in peft_model.named_parameters() if "lora_B" in name]
     assert lora_grads and all(g is not None and g.dtype == torch.float32 for g in lora_grads)
-
-
-def test_int8_weight_only_refuses_clearly(model: LlamaForCausalLM) -> None:
-    with pytest.raises(NotImplementedError, match="cast_base"):
-        int8_weight_only(model)
 
 
 def test_weights_hash_sees_every_weight(model: LlamaForCausalLM) -> None:

@@ -11,23 +11,25 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from shared.compression.__main__ import main
-from shared.compression.layers import drop_layers
-from shared.compression.measure import parameter_count, storage_bytes
-from shared.compression.pipeline import (
-    HEALING_ATTENTION,
-    block_loss,
-    build_compressed_base,
-    client_eval_documents,
-    compressed_key,
-    heal,
-    score_documents,
-    token_blocks,
-)
-from shared.compression.recipe import DEFAULT_RECIPE, Recipe, RecipeError, canonical_json, load_recipe, recipe_from_dict
-from shared.compression.report import REPORT_JSON, REPORT_MD, load_report
+from compressor.__main__ import main
+from compressor.build import build_compressed_base
+from compressor.cache import compressed_key, teacher_identity
+from compressor.evaluate import score_documents
+from compressor.heal import HEALING_ATTENTION, heal
+from compressor.layers import drop_layers
+from compressor.measure import parameter_count, storage_bytes
+from compressor.recipe import DEFAULT_RECIPE, Recipe, RecipeError, canonical_json, load_recipe, recipe_from_dict
+from compressor.report import REPORT_JSON, REPORT_MD, load_report
+from compressor.texts import client_eval_documents, public_texts, token_blocks
+from shared.base_files import BaseModelError, BaseSource, gguf_cache_folder
+from shared.base_model import materialize_base
+from shared.training import TokenBlocks, evaluate
 
 PUBLIC = ["the-comedy-of-errors"]  # the shortest play: the public text of these tests
+
+
+def public_loss(model: torch.nn.Module, blocks: torch.Tensor) -> float:
+    return evaluate(model, TokenBlocks.unpadded(blocks))["loss"]
 
 
 def write(tmp_path: Path, text: str, name: str = "recipe.toml") -> Path:
@@ -152,8 +154,6 @@ def test_key_leaves_out_settings_at_their_default() -> None:
 def test_key_follows_the_teachers_content_not_its_location(tiny_base: Path, tmp_path: Path) -> None:
     import shutil
 
-    from shared.compression.pipeline import teacher_identity
-
     # "smollm2" resolves to the GGUF inside each venv: the key hashes what the spec resolves to
     copy = shutil.copytree(tiny_base, tmp_path / "elsewhere" / "teacher")  # another clone, another venv
     assert teacher_identity(str(copy)) == teacher_identity(str(tiny_base))
@@ -165,14 +165,12 @@ def test_key_follows_the_teachers_content_not_its_location(tiny_base: Path, tmp_
 
 
 def test_a_gguf_is_converted_once_whatever_its_path(tmp_path: Path) -> None:
-    from shared.base_model import BaseSource, _gguf_cache_folder
-
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.gguf").write_bytes(b"GGUF" + bytes(range(200)))
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "model.gguf").write_bytes(b"GGUF" + bytes(range(1, 201)))
-    folders = {name: _gguf_cache_folder(BaseSource(tmp_path / name, "model.gguf"), tmp_path / "cache") for name in "abc"}
+    folders = {name: gguf_cache_folder(BaseSource(tmp_path / name, "model.gguf"), tmp_path / "cache") for name in "abc"}
     assert folders["a"] == folders["b"] != folders["c"]
 
 
@@ -293,6 +291,25 @@ def test_vocabulary_can_keep_the_teachers_lowest_ids(built: tuple[Recipe, Path, 
     assert vocab["kept_ids"] == len(kept) > len(narrow) and vocab["lowest_ids_added"] > 0
 
 
+def test_run_time_finds_a_recipe_files_build_and_never_builds(built: tuple[Recipe, Path, float], cache: Path,
+                                                               tmp_path: Path) -> None:
+    recipe, folder, _ = built
+    recipe_path = write(tmp_path, recipe.to_toml())
+    spec = f"compressed:{recipe_path}"
+    with pytest.raises(BaseModelError, match=f"run `python -m compressor build --recipe {recipe_path}` first"):
+        materialize_base(spec, cache)
+    with pytest.raises(BaseModelError, match="run `python -m compressor build` first"):
+        materialize_base("compressed", tmp_path / "empty-cache")
+    assert build_compressed_base(load_recipe(recipe_path), cache_dir=cache, progress=False) == folder  # a cache hit
+    assert materialize_base(spec, cache) == folder
+    # A recipe changed in memory is not its file's: building it records nothing for the file.
+    build_compressed_base(load_recipe(recipe_path).with_overrides({"heal.steps": 2}), cache_dir=cache, progress=False)
+    assert materialize_base(spec, cache) == folder
+    recipe_path.write_text(recipe_path.read_text() + "seed = 1\n")
+    with pytest.raises(BaseModelError, match="changed since its compressed base was built"):
+        materialize_base(spec, cache)
+
+
 def test_bad_recipe_for_this_teacher_names_the_key(tiny_base: Path, tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="layers.keep"):
         build_compressed_base(tiny_recipe(tiny_base, layers={"keep": 5}), cache_dir=tmp_path, progress=False)
@@ -305,15 +322,13 @@ def test_live_distillation_with_hidden_matching_lowers_the_student_loss(tiny_bas
     recipe = tiny_recipe(tiny_base, heal={"steps": 25, "kd_alpha": 0.7, "kd_topk": 0, "hidden_weight": 1.0})
     teacher = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    from shared.compression.pipeline import public_texts
-
     blocks = token_blocks(tokenizer, public_texts(recipe)[:400], 32)
     held, train = blocks[:8], blocks[8:]
     student = drop_layers(copy.deepcopy(teacher), [0])
-    before = block_loss(student, held)
+    before = public_loss(student, held)
     stats = heal(student, train, recipe, teacher=teacher, layer_map={0: 0, 1: 1})
     assert stats["kd_steps"] == 25 and stats["steps_done"] == 25
-    assert block_loss(student, held) < before - 0.1
+    assert public_loss(student, held) < before - 0.1
 
 
 def test_heal_stops_at_the_time_budget(tiny_base: Path) -> None:

@@ -143,3 +143,24 @@ def test_a_non_finite_micro_batch_loss_stops_training_before_its_backward(tiny_b
     assert len(calls) == 2
     for name, tensor in _lora_tensors(model).items():
         assert torch.equal(tensor, before[name]), name  # no optimizer step was taken
+
+
+def test_the_seed_fixes_dropout_whatever_the_process_drew_before_and_the_caller_s_generator_is_untouched(tiny_base):
+    # A resumed run trains in fresh processes: the global generator's position must not matter.
+    tokenizer = load_tokenizer(str(tiny_base))
+    blocks = tokenize_blocks(tokenizer, TEXTS, seq_len=16)
+    lora = lora_config(FederationConfig(lora_r=4, lora_dropout=0.5))
+    results = []
+    for draws_before in (0, 1000):
+        model = attach_adapter(load_model(str(tiny_base)), lora, seed=0)
+        torch.manual_seed(123)
+        torch.rand(draws_before)
+        state_before = torch.get_rng_state()
+        train_adapter(model, blocks, steps=3, batch_size=4, learning_rate=1e-2, seed=5)
+        assert torch.equal(torch.get_rng_state(), state_before)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    other_seed = attach_adapter(load_model(str(tiny_base)), lora, seed=0)
+    train_adapter(other_seed, blocks, steps=3, batch_size=4, learning_rate=1e-2, seed=6)
+    for name, tensor in results[0].items():
+        assert torch.equal(tensor, results[1][name]), name
+    assert any(not torch.equal(p, results[0][n]) for n, p in other_seed.named_parameters() if p.requires_grad)

@@ -12,7 +12,7 @@ from tiny import SAMPLE_TEXT, build_model, build_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from shared.compression.vocab import trim_vocabulary, used_token_ids, word_form_ids
+from compressor.vocab import trim_vocabulary, used_token_ids, word_form_ids
 
 LINES = list(dict.fromkeys(SAMPLE_TEXT))
 CORPUS = LINES[:3]  # the Macbeth lines; the others hold words the trimmed vocabulary lacks

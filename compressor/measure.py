@@ -1,21 +1,23 @@
-"""Measuring what a compression bought: parameters, bytes on disk, perplexity, peak memory."""
+"""Measuring what a compression bought: parameters, bytes on disk, a sparse format's size, peak memory.
+
+Perplexity is scored by ``compressor.evaluate`` (client text) and ``shared.training.evaluate`` (blocks).
+"""
 
 from __future__ import annotations
 
 import math
 import multiprocessing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from shared.base_files import WEIGHT_FILE_SUFFIXES
 from shared.memory import peak_rss_bytes
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 INDEX_BYTES = 4  # int32 column indices and row pointers in CSR
 
 
@@ -30,7 +32,7 @@ def parameter_count(model: nn.Module, unique: bool = True) -> int:
 
 def storage_bytes(folder: str | Path) -> int:
     """Bytes of the weight files in a saved model folder (not config or tokenizer files)."""
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and f.suffix in WEIGHT_FILE_SUFFIXES)
 
 
 def _sparse_tensor_nbytes(tensor: torch.Tensor, layout: str) -> int:
@@ -54,28 +56,6 @@ def sparse_nbytes(model: nn.Module, layout: str = "bitmask") -> int:
     return sum(
         min(p.numel() * p.element_size(), _sparse_tensor_nbytes(p.detach(), layout)) for p in model.parameters()
     )
-
-
-@torch.no_grad()
-def perplexity(model: nn.Module, token_blocks: torch.Tensor | Sequence[torch.Tensor], batch_size: int = 8) -> float:
-    """exp of the mean next-token negative log-likelihood over every predicted token of the blocks.
-
-    ``token_blocks``: equal-length blocks of token ids, (num_blocks, length) or a list of 1-D tensors;
-    no padding, each block's first token is context only.
-    """
-    blocks = token_blocks if isinstance(token_blocks, torch.Tensor) else torch.stack(list(token_blocks))
-    was_training = model.training
-    model.eval()
-    total_nll, total_tokens = 0.0, 0
-    try:
-        for batch in blocks.split(batch_size):
-            logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-            targets = batch[:, 1:]
-            total_nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-            total_tokens += targets.numel()
-    finally:
-        model.train(was_training)
-    return math.exp(total_nll / total_tokens)
 
 
 def _run_measured(target: Callable[..., Any], args: tuple) -> tuple[Any, int]:

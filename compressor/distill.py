@@ -1,4 +1,5 @@
-"""Knowledge distillation losses from a teacher LM to a compressed student, and a top-k logit cache.
+"""Knowledge distillation losses from a teacher LM to a compressed student (the teacher's top-k logits
+are cached by ``compressor.topk``).
 
 Conventions shared by every loss here:
 
@@ -13,13 +14,9 @@ Conventions shared by every loss here:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
 from torch.nn import functional as F
 
 
@@ -71,15 +68,6 @@ def distillation_loss(
     return _blend(student_logits, labels, _kl_per_position(teacher, student), alpha, temperature, ignore_index)
 
 
-@torch.no_grad()
-def topk_teacher_logits(
-    teacher: nn.Module, input_ids: torch.Tensor, k: int, attention_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's k largest logits at every position and their token ids, each (batch, length, k)."""
-    logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return logits.topk(k, dim=-1)
-
-
 def distillation_loss_topk(
     student_logits: torch.Tensor,
     topk_values: torch.Tensor,
@@ -109,8 +97,8 @@ class _TopKDistillation(torch.autograd.Function):
     With p = softmax(s), p_T = softmax(s / T) and q the renormalised top-k teacher (zero elsewhere),
     d/ds [(1 - a) * CE(y, s) + a * T^2 * KL(q || p_T)] = (1 - a) * (p - onehot(y)) + a * T * (p_T - q),
     averaged over the positions with a label. Autograd through log_softmax, gather and the blend
-    makes about a dozen passes over the (positions, vocabulary) logits, this about half as many; at
-    healing's 13.7k-id vocabulary autograd's passes were about half of a student step.
+    makes about a dozen passes over the (positions, vocabulary) logits, this about half as many: at
+    healing's vocabulary sizes those passes are a large share of a student step.
     """
 
     @staticmethod
@@ -163,48 +151,3 @@ def hidden_state_loss(
 def hidden_layer_map(keep_indices: Sequence[int]) -> dict[int, int]:
     """The layer map matching each kept block's output to the same block's output in the teacher."""
     return {0: 0} | {i + 1: kept + 1 for i, kept in enumerate(keep_indices)}
-
-
-@dataclass
-class TopKLogitCache:
-    """The teacher's top-k logits for fixed token blocks, computed once and reused every epoch.
-
-    Costs blocks * length * k * (value bytes + 4) bytes, e.g. 1000 blocks of 256 tokens at k=32 in fp32:
-    65 MB, against 50 GB for SmolLM2's full 49152-token logits.
-    """
-
-    input_ids: torch.Tensor  # (blocks, length)
-    values: torch.Tensor  # (blocks, length, k)
-    indices: torch.Tensor  # (blocks, length, k), int32: vocabularies fit, half of int64's memory
-
-    @classmethod
-    def build(
-        cls,
-        teacher: nn.Module,
-        blocks: torch.Tensor,
-        k: int,
-        batch_size: int = 8,
-        values_dtype: torch.dtype = torch.float32,
-    ) -> TopKLogitCache:
-        """Run the teacher over equal-length, unpadded ``blocks`` (blocks, length) in batches."""
-        values, indices = [], []
-        for batch in blocks.split(batch_size):
-            batch_values, batch_indices = topk_teacher_logits(teacher, batch, k)
-            values.append(batch_values.to(values_dtype))
-            indices.append(batch_indices.to(torch.int32))
-        return cls(blocks.clone(), torch.cat(values), torch.cat(indices))
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, index: int | slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, top-k values, top-k indices) of one block or a batch of blocks."""
-        return self.input_ids[index], self.values[index], self.indices[index]
-
-    def save(self, path: str | Path) -> None:
-        save_file({"input_ids": self.input_ids, "values": self.values, "indices": self.indices}, str(path))
-
-    @classmethod
-    def load(cls, path: str | Path) -> TopKLogitCache:
-        tensors = load_file(str(path))
-        return cls(tensors["input_ids"], tensors["values"], tensors["indices"])

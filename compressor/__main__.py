@@ -1,18 +1,22 @@
 """Command line: build a compressed base from a recipe, or print a built base's report.
 
-    python -m shared.compression build [--recipe PATH] [--teacher SPEC] [--out DIR] [--cache-dir DIR] [--force]
-    python -m shared.compression report FOLDER
-    python -m shared.compression key [--recipe PATH] [--teacher SPEC]
+    python -m compressor build [--recipe PATH] [--teacher SPEC] [--out DIR] [--cache-dir DIR] [--force]
+    python -m compressor report FOLDER
+    python -m compressor key [--recipe PATH] [--teacher SPEC]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 
-from shared.compression.recipe import DEFAULT_RECIPE, RecipeError, load_recipe
+from compressor.build import build_compressed_base
+from compressor.cache import compressed_folder
+from compressor.recipe import DEFAULT_RECIPE, RecipeError, load_recipe
+from compressor.report import load_report, print_report
 
 
 class CliError(Exception):
@@ -20,7 +24,7 @@ class CliError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.compression", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m compressor", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build", help="build (or find cached) the compressed base of a recipe")
@@ -46,8 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe)
         if args.teacher:
             recipe = recipe.replace(teacher=args.teacher)
-        from shared.compression.pipeline import build_compressed_base, compressed_folder
-
         if args.command == "key":
             print(compressed_folder(recipe, args.cache_dir))
             return 0
@@ -55,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             folder = _copy(folder, args.out)
         if not args.quiet:
-            from shared.compression.report import print_report
-
             print_report(folder)
         print(folder)
         return 0
@@ -79,11 +79,7 @@ def _copy(folder: Path, out: Path) -> Path:
 
 
 def _report(folder: Path, as_json: bool) -> int:
-    from shared.compression.report import load_report, print_report
-
     if as_json:
-        import json
-
         print(json.dumps(load_report(folder), indent=2))
     else:
         print_report(folder)

@@ -1,7 +1,7 @@
 """The compression report: what a compressed base is, next to its teacher, as JSON and Markdown.
 
 ``build_compressed_base`` writes ``compression.json`` (every number) and ``compression.md`` (the same,
-for people) into the model folder. ``python -m shared.compression report FOLDER`` prints it again.
+for people) into the model folder. ``python -m compressor report FOLDER`` prints it again.
 
 JSON fields (all measured during the build, teacher and student in the same run):
 
@@ -30,7 +30,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-REPORT_JSON = "compression.json"
+from shared.base_files import REPORT_JSON
+
 REPORT_MD = "compression.md"
 
 

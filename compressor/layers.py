@@ -1,4 +1,4 @@
-"""Structural compression of a Llama-architecture model: fewer blocks, heads, MLP neurons, or weights.
+"""Structural compression of a Llama-architecture model: fewer blocks, KV heads or MLP neurons.
 
 Every function here edits a ``LlamaForCausalLM`` in place and keeps it a standard transformers model:
 shapes are changed by swapping tensors, never module classes, and the config is updated so that
@@ -8,9 +8,9 @@ Apply them to the base model *before* adding LoRA adapters.
 - ``select_layers`` / ``drop_layers``: remove whole decoder blocks (the cheapest large saving).
 - ``prune_heads``: remove whole KV groups (a key/value head and the query heads that read it).
 - ``prune_mlp_neurons``: remove intermediate neurons of the gated MLP.
-- ``magnitude_prune``: zero the smallest weights (unstructured). Dense tensors full of zeros take
-  exactly as much memory and disk as before; see ``measure.sparse_nbytes`` for what a sparse format
-  would store.
+
+Unstructured (magnitude) pruning is in ``compressor.magnitude``. How each choice of blocks, heads and
+neurons measured on the default teacher is in docs/compression.md.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
 from transformers import PreTrainedModel
 
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -69,8 +68,7 @@ def select_layers(
 
     ``how``: "ends" keeps the first ceil(keep/2) and last floor(keep/2) blocks; "even" spaces them
     evenly, first and last included; "first" keeps a prefix; "importance" keeps the ``keep`` highest
-    ``scores`` (see ``layer_importance``). On SmolLM2-135M, keeping 20 of 30 blocks, perplexity on a
-    Hamlet sample (base 44): "importance" 674, "ends" 891, "even" 18000.
+    ``scores`` (see ``layer_importance``).
     """
     if not 1 <= keep <= num_layers:
         raise ValueError(f"keep must be between 1 and {num_layers}, got {keep}")
@@ -189,8 +187,8 @@ def kv_group_scores(model: nn.Module) -> list[torch.Tensor]:
     """Per block, one score per KV group: ||v_proj rows of the group|| * ||o_proj columns it feeds||.
 
     A group is a key/value head plus the query heads that share it; its output reaches the residual
-    stream only through v_proj then o_proj. Needs no data, but measured worse than random on SmolLM2:
-    prefer ``kv_group_activation_scores``.
+    stream only through v_proj then o_proj. Needs no data, but ignores how large the group's
+    activations are: prefer ``kv_group_activation_scores``.
     """
     config = model.config
     kv_heads = config.num_key_value_heads
@@ -226,8 +224,7 @@ def kv_group_activation_scores(model: nn.Module, batches: Iterable[torch.Tensor]
     """Per block, one score per KV group: sum over its o_proj inputs j of mean|x_j| * ||o_proj column j||.
 
     Activation-aware (as Wanda scores weights): how much the group actually writes to the residual
-    stream on ``batches`` (input ids, unpadded). Measured on SmolLM2-135M (Hamlet, 3 -> 2 KV groups):
-    perplexity 102 with these scores, 300-550 for random groups, 933 with ``kv_group_scores``.
+    stream on ``batches`` (input ids, unpadded).
     """
     heads_input = _mean_input_magnitudes(model, batches, "o_proj")
     kv_heads = model.config.num_key_value_heads
@@ -278,7 +275,7 @@ def prune_heads(
 def mlp_neuron_scores(model: nn.Module) -> list[torch.Tensor]:
     """Per block, one score per intermediate neuron: ||gate row|| * ||up row|| * ||down column||.
 
-    Needs no data, but measured far worse than random on SmolLM2: prefer ``mlp_activation_scores``.
+    Needs no data, but ignores how large each neuron's activations are: prefer ``mlp_activation_scores``.
     """
     scores = []
     for layer in decoder_layers(model):
@@ -291,9 +288,8 @@ def mlp_neuron_scores(model: nn.Module) -> list[torch.Tensor]:
 def mlp_activation_scores(model: nn.Module, batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """Per block, one score per neuron: its mean |activation| on ``batches`` * ||down_proj column||.
 
-    Measured on SmolLM2-135M (Hamlet, keeping 75%): perplexity 66 (base 44) with these scores, 512 for
-    random neurons, 195000 with ``mlp_neuron_scores``. Weight norms ignore how large each neuron's
-    activations actually are.
+    Activation-aware, as ``kv_group_activation_scores``: weight norms alone ignore how large each
+    neuron's activations actually are.
     """
     neurons = _mean_input_magnitudes(model, batches, "down_proj")
     return [
@@ -324,31 +320,3 @@ def prune_mlp_neurons(
         mlp.intermediate_size = keep
     config.intermediate_size = keep
     return model
-
-
-# --- Unstructured pruning ---------------------------------------------------------------------------
-
-
-def magnitude_prune(
-    model: nn.Module, sparsity: float, modules: Sequence[str] = LINEAR_NAMES, scope: str = "global"
-) -> float:
-    """Zero the smallest-magnitude weights of the named linear layers; returns the measured sparsity.
-
-    ``scope``: "global" ranks all targeted weights together (layers that matter less lose more),
-    "layer" prunes each weight matrix to ``sparsity`` separately. The zeros live in dense tensors:
-    memory, disk and speed are unchanged (see ``measure.sparse_nbytes`` for a sparse format's size).
-    """
-    if not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    targets = [(block_linear(layer, name), "weight") for layer in decoder_layers(model) for name in modules]
-    if scope == "global":
-        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=sparsity)
-    elif scope == "layer":
-        for module, name in targets:
-            prune.l1_unstructured(module, name, amount=sparsity)
-    else:
-        raise ValueError(f"Unknown pruning scope {scope!r}; choose 'global' or 'layer'")
-    for module, name in targets:
-        prune.remove(module, name)  # bake the mask in: a plain Parameter again, loadable anywhere
-    zeros = sum((module.weight == 0).sum().item() for module, _ in targets)
-    return zeros / sum(module.weight.numel() for module, _ in targets)

@@ -16,10 +16,8 @@ So:
   Low rank therefore saves memory and compute, never disk; report it that way.
 - ``factorize_model(loaded, rank=r)`` on the reloaded model recovers the factors: the saved weight
   has rank <= r, so its rank-r SVD reproduces it.
-- peft cannot put LoRA on a ``LowRankLinear``; target other projections, or call ``densify`` first.
+- peft cannot put LoRA on a ``LowRankLinear``; target other projections, or replace it by ``densify_linear``.
 - Factorize after head/neuron pruning, which edits ``nn.Linear`` weights.
-
-Measured on SmolLM2-135M: keeping 80% of the MLPs' spectral energy hurt perplexity a lot.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shared.compression.layers import MLP_LINEARS, block_linear, decoder_layers, linear_path
+from compressor.layers import MLP_LINEARS, block_linear, decoder_layers, linear_path
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
@@ -134,11 +132,3 @@ def densify_linear(factored: LowRankLinear) -> nn.Linear:
         if factored.bias is not None:
             linear.bias.copy_(factored.bias)
     return linear.requires_grad_(first.requires_grad)
-
-
-def densify(model: nn.Module) -> nn.Module:
-    """Replace every ``LowRankLinear`` by an equivalent ``nn.Linear`` (e.g. so peft can wrap it)."""
-    for path, module in list(model.named_modules()):
-        if isinstance(module, LowRankLinear):
-            model.set_submodule(path, densify_linear(module))
-    return model

@@ -42,14 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.compression.layers import LAYER_SELECTIONS, LINEAR_NAMES, MLP_LINEARS
-from shared.compression.vocab import WORD_FORMS
+from compressor.layers import LAYER_SELECTIONS, LINEAR_NAMES, MLP_LINEARS
+from compressor.sharing import SHARING_INITS
+from compressor.vocab import WORD_FORMS
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = RECIPES_DIR / "default.toml"
 SCORE_KINDS = ("activation", "weight")
 PRUNE_SCOPES = ("global", "layer")
-SHARING_INITS = ("first", "mean")
 OUTPUT_DTYPES = ("float32", "bfloat16")
 
 
@@ -93,7 +93,7 @@ class LayersSection:
     """Keep ``keep`` decoder blocks (all when unset), chosen by ``how``.
 
     ``bridge``: fit a linear map across each gap of dropped blocks on the public calibration text and
-    fold it into the last kept block before the gap (``pipeline.bridge_gaps``); far less to heal.
+    fold it into the last kept block before the gap (``bridge.bridge_gaps``); far less to heal.
     """
 
     keep: int | None = _field(None, min=1)
@@ -430,7 +430,7 @@ def canonical_json(recipe: Recipe) -> str:
 
     Settings at their default value are left out, so adding a setting whose default keeps the old
     behaviour leaves every existing recipe's cache key as it was. Changing a default's value changes
-    what recipes build: bump the pipeline's ``PIPELINE_VERSION`` then.
+    what recipes build: bump ``cache.PIPELINE_VERSION`` then.
     """
     return json.dumps(_changed(recipe.to_dict(), Recipe().to_dict()), sort_keys=True, separators=(",", ":"))
 

@@ -12,7 +12,7 @@ each block's weights are written out as copies with identical values. The checkp
 unshared model, and plain ``from_pretrained`` loads a standard, unshared Llama computing the same
 function. Call ``share_layers(loaded, groups)`` again to get the in-memory savings back; the groups are
 the caller's to keep (e.g. in its compression recipe). The saving is in memory only, and
-``unique_parameter_count`` measures it.
+``measure.parameter_count`` (unique tensors) measures it.
 
 Share last, after dropping blocks and pruning: pruning gives each block new tensors, which unties them.
 """
@@ -24,8 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from shared.compression.layers import decoder_layers
-from shared.compression.measure import parameter_count
+from compressor.layers import decoder_layers
 
 SHARING_INITS = ("first", "mean")
 
@@ -86,8 +85,3 @@ def _untie_in_state_dict(module: nn.Module, state_dict: dict, prefix: str, local
     for key, tensor in state_dict.items():
         if key.startswith(prefix) and not isinstance(tensor, nn.Parameter):
             state_dict[key] = tensor.clone()
-
-
-def unique_parameter_count(model: nn.Module) -> int:
-    """Parameters counted once per tensor, however many blocks (or tied embeddings) use it."""
-    return parameter_count(model, unique=True)

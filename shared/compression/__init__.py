@@ -1,1 +1,0 @@
-"""Compressing the base model: vocabulary, layers, low rank, sharing, distillation, quantization, measurement."""
