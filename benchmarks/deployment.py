@@ -24,7 +24,6 @@ import os
 import platform
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -35,11 +34,10 @@ from pathlib import Path
 
 import psutil
 
-from deploy.common import DeployError
+from deploy.flower import PROJECT_ROOT, FlowerError, exit_on_sigterm
 from deploy.loopback import LoopbackFederation
 from server.ledger import Ledger
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 USERS = ["hamlet/KING CLAUDIUS", "as-you-like-it/CELIA", "coriolanus/BRUTUS", "macbeth/MACBETH"]
 SAMPLE_SECONDS = 0.2
 
@@ -121,17 +119,17 @@ def tiny_variant(workdir: Path) -> Variant:
 
 
 def smollm2_variant(workdir: Path) -> Variant:
-    from shared.base_model import materialize_base
+    from compressor import prepare_base
 
-    folder = str(materialize_base("smollm2"))
+    folder = str(prepare_base("smollm2")[0])
     # The pyproject defaults (bf16, seq-len 128, 12 local steps, batch 4, LoRA r 8 on q,v).
     return Variant("teacher: SmolLM2-135M-Instruct (embedded GGUF, bf16)", "smollm2", folder, {"base-model": "smollm2"})
 
 
 def compressed_variant(workdir: Path) -> Variant:
-    from shared.base_model import materialize_base
+    from compressor import prepare_base
 
-    folder = str(materialize_base("compressed"))  # built once (about 8 minutes), then cached
+    folder = str(prepare_base("compressed")[0])  # built once, then cached (and found by its recipe at run time)
     # The pyproject defaults, as the teacher variant: only the base differs.
     return Variant("compressed base (default recipe, bf16)", "compressed", folder, {"base-model": "compressed"})
 
@@ -272,8 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="kept if given; a temporary folder otherwise")
     parser.add_argument("--write", type=Path, default=None, help="write the markdown report here")
     args = parser.parse_args(argv)
-    # `timeout`/kill -TERM: unwind, so every started process is stopped by the federation's __exit__
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    exit_on_sigterm()  # `timeout` or kill -TERM: the federation's __exit__ still stops every process
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="fg-deploy-bench-"))
     sections, outcomes, load_before = [], [], os.getloadavg()
     try:
@@ -284,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 outcome = run_variant(variant, workdir / name, args.devices, args.rounds, args.round_timeout,
                                       args.run_timeout)
-            except DeployError as error:
+            except FlowerError as error:
                 section = f"### {variant.name}\n\nNot measured: {error}\n"
             else:
                 print(f"   {outcome['status']} in {time.monotonic() - started:.0f} s (setup included)", flush=True)

@@ -7,7 +7,6 @@ fresh process, so everything here is cached per process and keyed by what determ
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,9 +22,9 @@ from peft import set_peft_model_state_dict
 from client.personal import user_folder
 from shared.adapters import adapter_state, attach_adapter, lora_config
 from shared.base_model import BaseModelError, load_model, load_tokenizer, weights_hash
-from shared.config import ConfigError, FederationConfig
+from shared.config import ConfigError, FederationConfig, fedgraft_home
 from shared.methods import PERSONAL, SHARED
-from shared.data import UserData, load_hf_user, load_jsonl_user, select_users, shakespeare_users
+from shared.data import DataError, UserData, load_hf_user, load_jsonl_user, select_users, shakespeare_users
 from shared.training import TokenBlocks, tokenize_blocks
 
 
@@ -85,7 +84,7 @@ def adapter_session(config: FederationConfig) -> AdapterSession:
 def state_folder(node_config: Mapping[str, Any], config: FederationConfig, user: UserData) -> Path:
     """Where this user's private adapters live on the device."""
     root = node_config.get("state-dir") or config.state_dir
-    root = Path(str(root)) if root else Path(os.environ.get("FEDGRAFT_HOME", Path.home() / ".fedgraft")) / "devices"
+    root = Path(str(root)) if root else fedgraft_home() / "devices"
     return user_folder(root, user.user_id)
 
 
@@ -107,18 +106,21 @@ def _federation_users(config: FederationConfig, count: int) -> tuple[UserData, .
     return tuple(select_users(users, count, seed=config.seed))
 
 
+# The node-config keys that name where a node's user comes from; a node names exactly one.
+DATA_SOURCES = ("data-path", "hf-dataset", "user", "num-partitions")
+
+
 def user_for_node(node_config: Mapping[str, Any], config: FederationConfig) -> UserData:
-    """This node's user: its own JSONL file, a named Shakespeare character, or a simulation partition."""
+    """This node's user: its own JSONL file, a hub dataset's partition, a Shakespeare character, or a simulation partition."""
+    named = [key for key in DATA_SOURCES if key in node_config]
+    if len(named) > 1:
+        raise ConfigError(f"node-config names {len(named)} data sources ({', '.join(named)}); a node has exactly one")
     if "data-path" in node_config:
         return load_jsonl_user(str(node_config["data-path"]), user_id=node_config.get("user-id") or None,
                                domain=node_config.get("domain") or None, split=config.split,
                                test_fraction=config.test_fraction, seed=config.seed)
-    if "hf-dataset" in node_config:  # Flower Datasets: a hub dataset cut by a natural id (needs a hub)
-        return load_hf_user(str(node_config["hf-dataset"]), int(node_config.get("partition-id", 0)),
-                            partition_by=str(node_config.get("hf-partition-by", "user")),
-                            text_field=str(node_config.get("hf-text-field", "text")),
-                            domain_field=node_config.get("hf-domain-field") or None, split=config.split,
-                            test_fraction=config.test_fraction, seed=config.seed)
+    if "hf-dataset" in node_config:
+        return _hub_user(node_config, config)
     if "user" in node_config:
         wanted = str(node_config["user"])
         users = shakespeare_users(min_speeches=2, split=config.split, test_fraction=config.test_fraction, seed=config.seed)
@@ -129,8 +131,23 @@ def user_for_node(node_config: Mapping[str, Any], config: FederationConfig) -> U
     if "partition-id" in node_config and "num-partitions" in node_config:
         partition, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
         return _federation_users(config, count)[partition]
-    raise ConfigError("node-config needs 'data-path' (a JSONL file), 'user' (a Shakespeare character) "
-                      "or 'partition-id' and 'num-partitions'")
+    raise ConfigError("node-config needs 'data-path' (a JSONL file), 'hf-dataset' with 'partition-id' (a hub dataset), "
+                      "'user' (a Shakespeare character) or 'partition-id' and 'num-partitions'")
+
+
+def _hub_user(node_config: Mapping[str, Any], config: FederationConfig) -> UserData:
+    """User ``partition-id`` of a hub dataset cut by Flower Datasets' NaturalIdPartitioner (the hub or its cache)."""
+    dataset = str(node_config["hf-dataset"])
+    try:
+        return load_hf_user(dataset, int(node_config.get("partition-id", 0)),
+                            partition_by=str(node_config.get("hf-partition-by", "user")),
+                            text_field=str(node_config.get("hf-text-field", "text")),
+                            domain_field=node_config.get("hf-domain-field") or None, split=config.split,
+                            test_fraction=config.test_fraction, seed=config.seed)
+    except ConnectionError as error:  # what `datasets` raises when neither the hub nor a cached copy answers
+        raise DataError(f"node-config hf-dataset {dataset!r}: the Hugging Face Hub is not reachable from this device "
+                        f"and no copy is cached ({error}); connect it once, or bring the data as JSONL "
+                        "(node-config data-path)") from error
 
 
 _blocks_cache: dict[tuple[str, int, int], tuple[TokenBlocks, TokenBlocks]] = {}

@@ -63,7 +63,7 @@ def create_app(upstream: str, ca_cert: Path, timeout: float = 300.0):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deploy.common import DeployError
+    from deploy.flower import FlowerError
     from deploy.superlink import Settings
 
     parser = argparse.ArgumentParser(prog="python -m deploy.fleet_proxy", description=__doc__.split("\n\n")[0])
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings.load(args.dir)
         if settings.insecure:
-            raise DeployError("the fleet proxy needs a TLS deployment (prepare without --insecure)")
-    except DeployError as error:
+            raise FlowerError("the fleet proxy needs a TLS deployment (prepare without --insecure)")
+    except FlowerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     import uvicorn

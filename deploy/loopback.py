@@ -14,9 +14,7 @@ commands an operator and a device owner type (``python -m deploy.superlink start
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deploy import superlink as operator
-from deploy.common import PROJECT_ROOT, DeployError, free_port, stop_process, wait_for_port
+from deploy.flower import FlowerError, free_port, start_listening, start_process, stop_process
 from deploy.device import keygen
 
 NODE_ID_LINE = re.compile(r"SuperNode ID: (\d+)")
@@ -75,25 +73,25 @@ class LoopbackFederation:
 
     # --- processes ------------------------------------------------------------------------------
 
-    def _spawn(self, args: list[str], log: Path) -> subprocess.Popen:
-        with open(log, "ab") as out:
-            return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=PROJECT_ROOT)
+    @staticmethod
+    def _module(*args: str) -> list[str]:
+        """``python -m ARGS`` with this interpreter: the commands an operator or a device owner types."""
+        return [sys.executable, "-m", *args]
 
     def start_superlink(self, timeout: float = 60) -> subprocess.Popen:
         """``python -m deploy.superlink start`` (it execs flower-superlink: same PID); waits until it listens."""
-        self.superlink = self._spawn(["deploy.superlink", "start", "--dir", str(self.settings.root)],
-                                     self.settings.log_file)
-        wait_for_port("127.0.0.1", self.settings.port, timeout, self.superlink, "flower-superlink", self.settings.log_file)
+        command = self._module("deploy.superlink", "start", "--dir", str(self.settings.root))
+        self.superlink = start_listening(command, None, self.settings.log_file, "127.0.0.1", self.settings.port,
+                                         "flower-superlink", timeout)
         return self.superlink
 
     def start_fleet_proxy(self, timeout: float = 60) -> str:
         """``python -m deploy.fleet_proxy`` on a free loopback port; returns its HOST:PORT."""
         port = free_port()
-        log = self.settings.root / "fleet-proxy.log"
-        self.proxy = self._spawn(["deploy.fleet_proxy", "--dir", str(self.settings.root), "--host", "127.0.0.1",
-                                  "--port", str(port)], log)
-        wait_for_port("127.0.0.1", port, timeout, self.proxy, "the fleet proxy", log)
+        command = self._module("deploy.fleet_proxy", "--dir", str(self.settings.root), "--host", "127.0.0.1",
+                               "--port", str(port))
+        self.proxy = start_listening(command, None, self.settings.root / "fleet-proxy.log", "127.0.0.1", port,
+                                     "the fleet proxy", timeout)
         self.proxy_address = f"127.0.0.1:{port}"
         return self.proxy_address
 
@@ -113,15 +111,15 @@ class LoopbackFederation:
     def start_device(self, device: DeviceProcess) -> subprocess.Popen:
         """``python -m deploy.device start`` (it execs flower-supernode: same PID, own process group)."""
         if device.via_proxy and self.proxy_address is None:
-            raise DeployError("start_fleet_proxy() first")
+            raise FlowerError("start_fleet_proxy() first")
         address = self.proxy_address if device.via_proxy else self.settings.address
         args = ["deploy.device", "start", "--superlink", address, "--ca", str(self.settings.tls.ca_cert),
                 "--key", str(device.key), "--base", device.base, "--state-dir", str(device.state_dir),
                 *device.extra_args]
         args += ["--user", device.user] if device.user is not None else ["--data", str(device.data)]
         if device.process is not None and device.process.poll() is None:
-            raise DeployError(f"device {device.name} is already running (PID {device.process.pid})")
-        device.process = self._spawn(args, device.log)
+            raise FlowerError(f"device {device.name} is already running (PID {device.process.pid})")
+        device.process = start_process(self._module(*args), None, device.log)
         device.starts += 1
         return device.process
 
@@ -132,14 +130,9 @@ class LoopbackFederation:
         return device
 
     def kill_device(self, device: DeviceProcess) -> None:
-        """SIGKILL the SuperNode's whole process group (its SuperExec and ClientApp processes too)."""
-        if device.process is None:
-            return
-        try:
-            os.killpg(device.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        device.process.wait(timeout=30)
+        """SIGKILL the SuperNode, its process group and every descendant (its SuperExec and ClientApp processes)."""
+        if device.process is not None:
+            stop_process(device.process, hard=True)
 
     def stop(self) -> None:
         """Stop every process this federation started, by PID, SuperNodes first."""
@@ -157,7 +150,7 @@ class LoopbackFederation:
         return {str(node["node-id"]) for node in operator.list_nodes(self.settings) if node.get("status") == "online"}
 
     def wait_online(self, count: int, timeout: float = 90) -> set[str]:
-        """Wait until at least ``count`` registered nodes are online; DeployError naming the logs if not."""
+        """Wait until at least ``count`` registered nodes are online; FlowerError naming the logs if not."""
         deadline = time.monotonic() + timeout
         while True:
             online = self.online_node_ids()
@@ -165,15 +158,13 @@ class LoopbackFederation:
                 return online
             dead = [d.name for d in self.devices.values() if d.process is not None and d.process.poll() is not None]
             if dead or time.monotonic() > deadline:
-                raise DeployError(f"{len(online)} of {count} nodes online after {timeout:.0f} s; exited: {dead}; "
+                raise FlowerError(f"{len(online)} of {count} nodes online after {timeout:.0f} s; exited: {dead}; "
                                   f"logs under {self.root / 'devices'}")
             time.sleep(1.0)
 
     def submit(self, run_config: dict[str, object]) -> str:
-        return operator.submit_run(self.settings, run_config)
-
-    def status(self, run_id: str) -> str:
-        return operator.run_status(self.settings, run_id)
+        return self.settings.cli.submit(run_config)
 
     def wait_for_run(self, run_id: str, timeout: float, poll: float = 2.0) -> str:
-        return operator.wait_for_run(self.settings, run_id, timeout, poll)
+        return self.settings.cli.wait(run_id, timeout, poll)
+

@@ -25,23 +25,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
-import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from deploy.common import (
+from deploy.flower import (
     PROJECT_ROOT,
-    DeployError,
+    FlowerCli,
+    FlowerError,
     executable,
     flower_env,
-    flwr,
-    format_config,
-    json_output,
     parse_config,
+    start_listening,
     stop_process,
-    wait_for_port,
+    write_connection,
 )
 from deploy.tls import DEFAULT_HOSTS, TlsFiles, make_certificates
 
@@ -90,6 +88,11 @@ class Settings:
         return Path(self.flwr_home)
 
     @property
+    def cli(self) -> FlowerCli:
+        """The operator's ``flwr`` CLI for this deployment's connection."""
+        return FlowerCli(self.cli_home, self.connection)
+
+    @property
     def address(self) -> str:
         """Where the operator's CLI (and devices on this machine) reach the SuperLink."""
         host = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
@@ -110,7 +113,7 @@ class Settings:
     def load(cls, folder: Path) -> "Settings":
         path = Path(folder).resolve() / SETTINGS_FILE
         if not path.exists():
-            raise DeployError(f"{path} not found: run `python -m deploy.superlink prepare --dir {folder}` first")
+            raise FlowerError(f"{path} not found: run `python -m deploy.superlink prepare --dir {folder}` first")
         return cls(**json.loads(path.read_text()))
 
 
@@ -131,34 +134,16 @@ def prepare(folder: Path, host: str = "127.0.0.1", port: int = DEFAULT_PORT, hos
     if not insecure:
         make_certificates(root / "tls", names, days=days)
     settings.superlink_home.mkdir(exist_ok=True)
-    write_connection(settings)
+    write_connection(settings.cli_home, settings.connection, _connection_entry(settings))
     settings.save()
     return settings
 
 
-def write_connection(settings: Settings) -> Path:
-    """Add (or replace) this deployment's connection in ``$FLWR_HOME/config.toml``, keeping the others.
-
-    Keys as Flower 1.42 reads them (flwr.cli.constant.SuperLinkConnectionTomlKey): ``address``,
-    ``root-certificates`` (an absolute path) or ``insecure = true``.
-    """
-    import tomli_w  # a dependency of flwr
-
-    path = settings.cli_home / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    config = tomllib.loads(path.read_text()) if path.exists() else {}
-    superlink = config.setdefault("superlink", {})
-    entry: dict[str, object] = {"address": settings.address}
+def _connection_entry(settings: Settings) -> dict[str, object]:
+    """How the operator's ``flwr`` reaches this SuperLink: its address, and its CA or ``insecure``."""
     if settings.insecure:
-        entry["insecure"] = True
-    else:
-        entry["root-certificates"] = str(settings.tls.ca_cert)
-    superlink[settings.connection] = entry
-    superlink.setdefault("default", settings.connection)
-    # `default` must come first in the table for readability; TOML does not care.
-    config["superlink"] = {"default": superlink.pop("default"), **superlink}
-    path.write_text(tomli_w.dumps(config))
-    return path
+        return {"address": settings.address, "insecure": True}
+    return {"address": settings.address, "root-certificates": str(settings.tls.ca_cert)}
 
 
 # --- start / stop ----------------------------------------------------------------------------------
@@ -171,7 +156,7 @@ def superlink_command(settings: Settings) -> list[str]:
     else:
         tls = settings.tls
         if not tls.exist():
-            raise DeployError(f"TLS files missing in {tls.ca_cert.parent}: run `prepare` again")
+            raise FlowerError(f"TLS files missing in {tls.ca_cert.parent}: run `prepare` again")
         command += ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
                     "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth"]
     command += ["--database", str(settings.database), "--disable-runtime-dependency-installation",
@@ -180,8 +165,7 @@ def superlink_command(settings: Settings) -> list[str]:
 
 
 def superlink_env(settings: Settings) -> dict[str, str]:
-    # FLWR_DISABLE_...: the flag alone also covers it; the variable reaches helpers started by name.
-    return flower_env(settings.superlink_home, {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
+    return flower_env(settings.superlink_home)
 
 
 def _warn_if_exposed(settings: Settings) -> None:
@@ -194,23 +178,13 @@ def _warn_if_exposed(settings: Settings) -> None:
               "a reverse proxy (docs/deployment.md).", file=sys.stderr)
 
 
-def start_background(settings: Settings, timeout: float = 60) -> "subprocess.Popen":
+def start_background(settings: Settings, timeout: float = 60) -> subprocess.Popen:
     """Start the SuperLink detached (own session), log to DEPLOY_DIR/superlink.log, wait until it listens."""
-    import subprocess
-
     _warn_if_exposed(settings)
-    with open(settings.log_file, "ab") as log:
-        process = subprocess.Popen(superlink_command(settings), env=superlink_env(settings), stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                   cwd=settings.root)
-    settings.pid_file.write_text(f"{process.pid}\n")
     host = settings.address.rsplit(":", 1)[0].strip("[]")
-    try:
-        wait_for_port(host, settings.port, timeout, process, "flower-superlink", settings.log_file)
-    except BaseException:
-        stop_process(process)
-        settings.pid_file.unlink(missing_ok=True)
-        raise
+    process = start_listening(superlink_command(settings), superlink_env(settings), settings.log_file, host,
+                              settings.port, "flower-superlink", timeout, cwd=settings.root)
+    settings.pid_file.write_text(f"{process.pid}\n")
     return process
 
 
@@ -239,38 +213,22 @@ def register_node(settings: Settings, public_key: Path, name: str | None = None)
     """``flwr supernode register``; returns the node id Flower assigned to the key."""
     public_key = Path(public_key).resolve()
     if not public_key.exists():
-        raise DeployError(f"public key {public_key} not found (devices make it with `python -m deploy.device keygen`)")
-    args = ["supernode", "register", str(public_key), settings.connection, "--format", "json"]
+        raise FlowerError(f"public key {public_key} not found (devices make it with `python -m deploy.device keygen`)")
+    args = ["supernode", "register", str(public_key), settings.connection]
     if name:
         args += ["--name", name]
-    result = flwr(args, settings.cli_home)
-    payload = json_output(result, f"registering {public_key.name}")
+    payload = settings.cli.json(args, f"registering {public_key.name}")
     if not payload.get("success", False) or payload.get("node-id") in (None, ""):
-        raise DeployError(f"registering {public_key.name} failed: {payload}")
+        raise FlowerError(f"registering {public_key.name} failed: {payload}")
     return str(payload["node-id"])
 
 
 def list_nodes(settings: Settings) -> list[dict]:
-    payload = json_output(flwr(["supernode", "list", settings.connection, "--format", "json"], settings.cli_home),
-                          "listing SuperNodes")
+    payload = settings.cli.json(["supernode", "list", settings.connection], "listing SuperNodes")
     return list(payload.get("nodes", []))
 
 
 # --- runs ------------------------------------------------------------------------------------------
-
-
-def submit_run(settings: Settings, run_config: dict[str, object] | str | None = None, app: Path = PROJECT_ROOT,
-               timeout: float = 180) -> str:
-    """``flwr run APP CONNECTION --run-config ...``; returns Flower's run id (a string: it is unsigned 64-bit)."""
-    args = ["run", str(Path(app).resolve()), settings.connection, "--format", "json"]
-    text = run_config if isinstance(run_config, str) else format_config(run_config or {})
-    if text:
-        args += ["--run-config", text]
-    result = flwr(args, settings.cli_home, timeout=timeout, cwd=Path(app))
-    payload = json_output(result, "submitting the run")
-    if not payload.get("success") or not payload.get("run-id"):
-        raise DeployError(f"`flwr run` did not start a run: {payload}")
-    return str(payload["run-id"])
 
 
 def prepare_base(spec: str) -> str:
@@ -280,31 +238,9 @@ def prepare_base(spec: str) -> str:
     refuses to train on anything else. Ship this folder to them; do not rebuild it on a device (the
     compression healing is time-budgeted, so two builds differ).
     """
-    from shared.base_model import materialize_base  # heavy imports only for this command
+    from compressor import prepare_base as build_or_find  # heavy imports only for this command
 
-    return str(materialize_base(spec))
-
-
-def run_status(settings: Settings, run_id: str) -> str:
-    """Flower's status of a run, e.g. ``running``, ``finished:completed``, ``finished:failed``."""
-    payload = json_output(flwr(["list", settings.connection, "--run-id", str(run_id), "--format", "json"],
-                               settings.cli_home), f"reading the status of run {run_id}")
-    try:
-        return str(payload["runs"][0]["status"])
-    except (KeyError, IndexError) as error:
-        raise DeployError(f"no status for run {run_id} in {payload}") from error
-
-
-def wait_for_run(settings: Settings, run_id: str, timeout: float, poll: float = 5.0) -> str:
-    """Poll until the run is finished; its final status. DeployError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = run_status(settings, run_id)
-        if status.startswith("finished"):
-            return status
-        if time.monotonic() > deadline:
-            raise DeployError(f"run {run_id} still {status!r} after {timeout:.0f} s")
-        time.sleep(poll)
+    return str(build_or_find(spec)[0])
 
 
 # --- command line ----------------------------------------------------------------------------------
@@ -395,18 +331,18 @@ def main(argv: list[str] | None = None) -> int:
                 run_config["base-model"] = prepare_base(args.base)
                 print(f"base model: {run_config['base-model']} (devices need a byte-identical copy of this folder)",
                       file=sys.stderr)
-            run_id = submit_run(settings, run_config, args.app)
+            run_id = settings.cli.submit(run_config, args.app)
             print(run_id, flush=True)
             if args.wait:
-                status = wait_for_run(settings, run_id, args.timeout)
+                status = settings.cli.wait(run_id, args.timeout)
                 print(status)
                 return 0 if status == "finished:completed" else 1
         elif args.command == "status":
-            status = run_status(settings, args.run_id)
+            status = settings.cli.status(args.run_id)
             print(status)
             return 0 if status == "finished:completed" else 3 if not status.startswith("finished") else 1
         return 0
-    except DeployError as error:
+    except FlowerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

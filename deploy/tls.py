@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.common import DeployError, executable
+from deploy.flower import FlowerError, executable
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 
@@ -37,14 +37,14 @@ class TlsFiles:
 def subject_alt_names(hosts: list[str] | tuple[str, ...]) -> str:
     """``['127.0.0.1', 'localhost']`` -> ``IP:127.0.0.1,DNS:localhost``."""
     if not hosts:
-        raise DeployError("the server certificate needs at least one host name or IP address")
+        raise FlowerError("the server certificate needs at least one host name or IP address")
     entries = []
     for host in hosts:
         try:
             entries.append(f"IP:{ipaddress.ip_address(host)}")
         except ValueError:
             if not host or any(c in host for c in " ,/:") :
-                raise DeployError(f"{host!r} is neither an IP address nor a DNS name") from None
+                raise FlowerError(f"{host!r} is neither an IP address nor a DNS name") from None
             entries.append(f"DNS:{host}")
     return ",".join(entries)
 
@@ -52,7 +52,7 @@ def subject_alt_names(hosts: list[str] | tuple[str, ...]) -> str:
 def _openssl(*args: str) -> None:
     result = subprocess.run([executable("openssl"), *args], capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
-        raise DeployError(f"openssl {args[0]} failed (exit {result.returncode}): {result.stderr.strip()[-600:]}")
+        raise FlowerError(f"openssl {args[0]} failed (exit {result.returncode}): {result.stderr.strip()[-600:]}")
 
 
 def make_certificates(folder: Path, hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS, days: int = 825,
@@ -91,6 +91,6 @@ def certificate_hosts(cert: Path) -> str:
     result = subprocess.run([executable("openssl"), "x509", "-in", str(cert), "-noout", "-ext", "subjectAltName"],
                             capture_output=True, text=True, timeout=30)
     if result.returncode != 0:
-        raise DeployError(f"cannot read {cert}: {result.stderr.strip()}")
+        raise FlowerError(f"cannot read {cert}: {result.stderr.strip()}")
     lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
     return lines[-1] if lines else ""

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from shared.methods import AGGREGATIONS, METHODS
@@ -20,9 +22,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method": tuple(METHODS),
     "aggregation": AGGREGATIONS,
     "base_dtype": ("float32", "bfloat16", "float16"),
-    "data": ("shakespeare", "jsonl"),
     "split": ("random", "temporal"),
 }
+
+
+def fedgraft_home() -> Path:
+    """Where the server's ledger and outputs and a device's private state live by default: $FEDGRAFT_HOME or ~/.fedgraft."""
+    return Path(os.environ.get("FEDGRAFT_HOME", Path.home() / ".fedgraft"))
 
 
 class ConfigError(ValueError):
@@ -68,7 +74,6 @@ class FederationConfig:
     learning_rate: float = 0.002
     max_eval_blocks: int = 32
     # data
-    data: str = "shakespeare"
     min_speeches: int = 60
     exclude_plays: str = ""
     split: str = "random"

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from shared.base_model import materialize_base
+from compressor import prepare_base
+from deploy.flower import PROJECT_ROOT, FlowerError, exit_on_sigterm
 from shared.methods import METHODS
 from simulations.personalization_report import MethodRun, write_personalization_report
-from simulations.run import PROJECT_ROOT, SimulationError, exit_on_sigterm, prepare_base, run_simulation
+from simulations.run import run_simulation
 
 console = Console()
 EXPERIMENTS = PROJECT_ROOT / "simulations" / "experiments"
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip the teacher reference row")
     args = parser.parse_args(argv)
     experiment = Experiment.load(EXPERIMENTS / "quick.toml" if args.quick else args.experiment)
-    base, excluded = prepare_base(args.base)
+    folder, excluded = prepare_base(args.base)
+    base = str(folder)
     experiment.run_config.setdefault("exclude-plays", ",".join(excluded))
     started = time.monotonic()
     runs, reference = [], None
@@ -84,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run_method(name, experiment, base, args.out / name))
         if experiment.reference and not args.no_reference:
             spec = dict(experiment.reference)
-            ref_base = str(materialize_base(str(spec.pop("base-model", "smollm2"))))
+            ref_base = str(prepare_base(str(spec.pop("base-model", "smollm2")))[0])
             ref_method, ref_users, ref_rounds = str(spec.pop("method", "fedavg")), spec.pop("users", None), spec.pop("rounds", None)
             reference = run_method(ref_method, experiment, ref_base, args.out / f"reference-{ref_method}",
                                    users=ref_users, rounds=ref_rounds, extra=spec)
-    except SimulationError as error:
+    except FlowerError as error:
         console.print(f"[bold red]A run failed:[/] {error}")
         return 1
     command = "python -m simulations.compare " + " ".join(argv if argv is not None else sys.argv[1:])

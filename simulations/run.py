@@ -12,13 +12,9 @@ by PID, and prints the per-user table from the round ledger.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import signal
-import socket
-import subprocess
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,11 +23,24 @@ from pathlib import Path
 
 from rich.console import Console
 
-from shared.base_model import compressed_recipe, materialize_base
+from deploy.flower import (
+    PROJECT_ROOT,
+    FlowerCli,
+    FlowerError,
+    executable,
+    exit_on_sigterm,
+    format_config,
+    free_port,
+    parse_config,
+    start_listening,
+    stop_process,
+    write_connection,
+)
+from compressor import prepare_base
 from simulations.report import per_user_table, write_report
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 console = Console(stderr=False)
+CONNECTION = "local"  # the SuperLink connection in the run's own FLWR_HOME: ":local:", our simulation SuperLink
 
 
 @dataclass
@@ -43,75 +52,33 @@ class SimulationResult:
     seconds: float
 
 
-class SimulationError(RuntimeError):
-    """The simulation could not start, or Flower reported the run as failed."""
+class SimulationError(FlowerError):
+    """Flower reported the simulated run as failed, or ``flwr run`` itself failed."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def flower_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
-    """Environment for the SuperLink and the CLI: offline, private home, pinned ports."""
-    env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        # The SuperLink would `uv sync` a fresh venv per run: offline it fails, online it downloads torch.
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
+def simulation_cli(flwr_home: Path) -> FlowerCli:
+    """The ``flwr`` CLI of one simulation: its own FLWR_HOME, pinned ports, its own Ray folder."""
+    write_connection(flwr_home, CONNECTION, {"address": ":local:"})
+    return FlowerCli(flwr_home, CONNECTION, {
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
         # Ray puts AF_UNIX sockets under RAY_TMPDIR, whose paths must stay under 108 bytes.
         "RAY_TMPDIR": tempfile.mkdtemp(prefix="fg-ray-"),
         "RAY_DEDUP_LOGS": "0",
-        "TOKENIZERS_PARALLELISM": "false",
-        # The SuperLink starts flwr-simulation by name: it must be this venv's, not another on PATH.
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
     })
-    return env
 
 
-def start_superlink(flwr_home: Path, env: dict[str, str]) -> subprocess.Popen:
-    """A simulation SuperLink of our own, on the ports in ``env``; waits until it answers."""
-    (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    log = open(flwr_home / "superlink.log", "ab")
+def start_superlink(cli: FlowerCli) -> subprocess.Popen:
+    """A simulation SuperLink of our own, on the ports in the CLI's environment; waits until it answers."""
+    env = cli.env()
+    port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
     command = [
-        str(Path(sys.executable).with_name("flower-superlink")), "--insecure", "--simulation",
-        "--isolation", "subprocess", "--database", str(flwr_home / "state.db"),
-        "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"],
+        executable("flower-superlink"), "--insecure", "--simulation",
+        "--isolation", "subprocess", "--database", str(cli.home / "state.db"),
+        "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
         "--control-api-address", f"127.0.0.1:{env['FLWR_LOCAL_CONTROL_API_PORT']}",
     ]
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SimulationError(f"flower-superlink exited with code {process.returncode}; see {flwr_home / 'superlink.log'}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]))) == 0:
-                return process
-        time.sleep(0.3)
-    stop_process_group(process)
-    raise SimulationError("flower-superlink did not start within 60 s")
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """Stop a process we started and everything it spawned (Ray workers included)."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=20)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=10)
+    return start_listening(command, env, cli.home / "superlink.log", "127.0.0.1", port, "flower-superlink")
 
 
 def stop_strays(flwr_home: Path) -> None:
@@ -129,46 +96,40 @@ def stop_strays(flwr_home: Path) -> None:
             continue
 
 
-def _flwr(*args: str) -> list[str]:
-    return [str(Path(sys.executable).with_name("flwr")), *args]
-
-
-def format_run_config(values: dict[str, object]) -> str:
-    """``key=value`` pairs as ``flwr run --run-config`` takes them (strings quoted)."""
-    def render(value: object) -> str:
-        return json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
-    return " ".join(f"{key}={render(value)}" for key, value in values.items())
-
-
 def run_simulation(num_users: int, run_config: dict[str, object], workdir: Path, cpus_per_client: int = 2,
                    timeout: float = 3600) -> SimulationResult:
-    """Run one simulated federation with ``flwr run``; raise SimulationError unless it completed."""
+    """Run one simulated federation with ``flwr run``; SimulationError unless it completed.
+
+    FlowerError when a Flower process does not start or cannot be asked for the run's status.
+    """
     workdir = workdir.resolve()
     flwr_home = workdir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
     ledger_url = str(run_config.get("ledger-url") or f"sqlite:///{workdir / 'ledger.db'}")
     run_config = {"ledger-url": ledger_url, "output-dir": str(workdir / "outputs"), **run_config}
-    env = flower_env(flwr_home, free_port(), free_port())
+    cli = simulation_cli(flwr_home)
     started = time.monotonic()
-    superlink = start_superlink(flwr_home, env)
     try:
-        command = _flwr("run", str(PROJECT_ROOT), "local", "--stream",
-                        "--federation-config", f"num-supernodes={num_users} client-resources-num-cpus={cpus_per_client}",
-                        "--run-config", format_run_config(run_config))
-        run_id = _stream_run(command, env, timeout)
-        status = _run_status(run_id, env)
+        superlink = start_superlink(cli)
+        try:
+            federation = {"num-supernodes": num_users, "client-resources-num-cpus": cpus_per_client}
+            run_id = _stream_run(cli, federation, run_config, timeout)
+            status = cli.status(run_id)
+        finally:
+            stop_process(superlink, timeout=20)
+            stop_strays(flwr_home)
     finally:
-        stop_process_group(superlink)
-        stop_strays(flwr_home)
-        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+        shutil.rmtree(cli.extra_env["RAY_TMPDIR"], ignore_errors=True)
     if status != "finished:completed":
         raise SimulationError(f"Flower run {run_id} ended as {status!r}; logs: {flwr_home / 'superlink.log'}")
     return SimulationResult(run_id, status, ledger_url, workdir, time.monotonic() - started)
 
 
-def _stream_run(command: list[str], env: dict[str, str], timeout: float) -> str:
+def _stream_run(cli: FlowerCli, federation: dict[str, object], run_config: dict[str, object], timeout: float) -> str:
     """Run ``flwr run --stream``, echo round progress, return the Flower run id."""
-    process = subprocess.Popen(command, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    command = cli.command("run", str(PROJECT_ROOT), cli.connection, "--stream",
+                          "--federation-config", format_config(federation), "--run-config", format_config(run_config))
+    process = subprocess.Popen(command, env=cli.env(), cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)
     run_id, deadline = None, time.monotonic() + timeout
     assert process.stdout is not None
@@ -179,7 +140,7 @@ def _stream_run(command: list[str], env: dict[str, str], timeout: float) -> str:
         if _is_progress(line):
             console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {line.strip()}", highlight=False)
         if time.monotonic() > deadline:
-            stop_process_group(process)
+            stop_process(process)
             raise SimulationError(f"the simulation did not finish within {timeout:.0f} s")
     process.wait()
     if process.returncode != 0 or run_id is None:
@@ -191,16 +152,6 @@ def _is_progress(line: str) -> bool:
     keys = ("ROUND", "aggregate_train", "aggregate_evaluate", "configure_train", "Received error", "Traceback",
             "ERROR", "Error:", "Successfully started", "finished in", "Waiting for nodes")
     return any(key in line for key in keys)
-
-
-def _run_status(run_id: str, env: dict[str, str]) -> str:
-    output = subprocess.run(_flwr("list", "--run-id", run_id, "--format", "json"), env=env, cwd=PROJECT_ROOT,
-                            capture_output=True, text=True, timeout=60).stdout
-    try:
-        runs = json.loads(output[output.index("{"):])
-        return str(runs["runs"][0]["status"])
-    except (ValueError, KeyError, IndexError) as error:
-        raise SimulationError(f"cannot read the status of run {run_id} from `flwr list`: {output[-500:]!r}") from error
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -216,57 +167,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_overrides(text: str) -> dict[str, object]:
-    """'a=1 b="x y"' -> {'a': 1, 'b': 'x y'}, values read as TOML scalars."""
-    import shlex
-    import tomllib
-    overrides: dict[str, object] = {}
-    for item in shlex.split(text):
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            overrides[key] = value
-    return overrides
-
-
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM into an exception so `finally` blocks stop the SuperLink and its Ray workers."""
-    def handler(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-    signal.signal(signal.SIGTERM, handler)
-
-
-def prepare_base(spec: str) -> tuple[str, list[str]]:
-    """(folder the clients load, plays kept out of the federation) for a base spec.
-
-    A compressed base is healed on public plays; the federation must not contain them.
-    """
-    recipe = compressed_recipe(spec)
-    if recipe is None:
-        with console.status("Preparing the base model (a GGUF is converted once, then cached)..."):
-            return str(materialize_base(spec)), []
-    from shared.compression.pipeline import build_compressed_base
-    from shared.compression.recipe import load_recipe
-
-    loaded = load_recipe(recipe or None)
-    console.print(f"Compressed base: recipe {loaded.name!r} (built once, then cached)")
-    return str(build_compressed_base(loaded)), list(loaded.public_plays)
-
-
 def main(argv: list[str] | None = None) -> int:
     exit_on_sigterm()
     args = parse_args(argv)
+    try:
+        overrides = parse_config(args.run_config)
+    except FlowerError as error:
+        console.print(f"[bold red]--run-config:[/] {error}")
+        return 2
     console.rule("[bold]fedgraft: simulated Shakespeare federation")
-    base, excluded = prepare_base(args.base)
+    console.print(f"Preparing base {args.base!r} (a compressed base is built, a GGUF converted, once; then cached)")
+    folder, excluded = prepare_base(args.base)
+    base = str(folder)
     # Simulated clients share one actor and run one after another: a round lasts the sum of them.
     run_config = {"base-model": base, "exclude-plays": ",".join(excluded), "num-server-rounds": args.rounds,
                   "min-train-nodes": min(args.users, 2), "round-timeout": 3600, "state-dir": str(args.workdir.absolute() / "devices"),
-                  **parse_overrides(args.run_config)}
+                  **overrides}
     console.print(f"{args.users} clients, {args.rounds} rounds, base {args.base!r} ({base}), work folder {args.workdir}")
     try:
         result = run_simulation(args.users, run_config, args.workdir, timeout=args.timeout)
-    except SimulationError as error:
+    except FlowerError as error:
         console.print(f"[bold red]Simulation failed:[/] {error}")
         return 1
     table = per_user_table(result.ledger_url, result.flower_run_id)

@@ -27,6 +27,8 @@ def test_values_are_coerced_and_read():
     "run_config, message",
     [
         ({"num-server-round": 3}, "Unknown run-config key 'num-server-round'"),
+        # where users come from is each device's own node config, never the run's
+        ({"data": "shakespeare"}, "Unknown run-config key 'data'"),
         ({"num-server-rounds": "three"}, "'num-server-rounds' expects int"),
         ({"num-server-rounds": 2.5}, "'num-server-rounds' expects int"),
         ({"local-steps": 0}, "local-steps must be > 0"),
@@ -56,3 +58,14 @@ def test_personal_learning_rate_defaults_to_the_learning_rate():
 def test_evaluate_rounds_always_include_the_last():
     assert FederationConfig(num_server_rounds=5).evaluate_rounds == {5}
     assert FederationConfig(num_server_rounds=5, evaluate_every=2).evaluate_rounds == {2, 4, 5}
+
+
+def test_device_state_defaults_to_fedgraft_home(monkeypatch, tmp_path):
+    from client.runtime import state_folder
+    from shared.data import UserData
+
+    monkeypatch.setenv("FEDGRAFT_HOME", str(tmp_path))
+    user = UserData("macbeth/MACBETH", "tragedies", ["a"], ["b"])
+    assert state_folder({}, FederationConfig(), user) == tmp_path / "devices" / "macbeth__MACBETH"
+    mine = {"state-dir": str(tmp_path / "mine")}
+    assert state_folder(mine, FederationConfig(), user) == tmp_path / "mine" / "macbeth__MACBETH"

@@ -544,3 +544,63 @@ def test_load_hf_user_uses_a_natural_id_partitioner(monkeypatch: pytest.MonkeyPa
         data.load_hf_user("org/letters", 7, "author")
     with pytest.raises(DataError, match=r"org/letters.*no column 'user'"):
         data.load_hf_user("org/letters", 0, "user")
+
+
+# --------------------------------------------------------------------------------------------------
+# A device's user from a hub dataset (deploy.device --hf-dataset), without a hub
+
+
+def hub_device_node_config(tmp_path: Path) -> dict[str, object]:
+    """The node config `python -m deploy.device start --hf-dataset ...` hands flower-supernode, as Flower parses it."""
+    from flwr.common.config import parse_config_args
+
+    from deploy.device import Device
+
+    device = Device(superlink="127.0.0.1:9093", state_dir=tmp_path / "state", base=str(tmp_path), insecure=True,
+                    hf_dataset="org/letters", hf_partition_by="author", hf_domain_field="genre", partition_id=1)
+    command = device.command()
+    return parse_config_args([command[command.index("--node-config") + 1]])
+
+
+def test_a_device_reads_its_user_from_a_hub_dataset(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from client.runtime import user_for_node
+    from shared.config import FederationConfig
+
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", FakeFederatedDataset)
+    FakeFederatedDataset.created.clear()
+    node_config = hub_device_node_config(tmp_path)
+    assert user_for_node(node_config, FederationConfig(split="temporal")) == UserData("bea", "novel", ["b1", "b2"], ["b3"])
+    assert FakeFederatedDataset.created == [{"dataset": "org/letters", "shuffle": False, "splits": ["train"]}]
+
+
+class UnreachableHub(FakeFederatedDataset):
+    """What `datasets` does when neither the hub nor a cached copy answers."""
+
+    def load_split(self, split: str) -> datasets.Dataset:
+        raise ConnectionError("Couldn't reach 'org/letters' on the Hub (LocalEntryNotFoundError)")
+
+
+def test_a_device_without_the_hub_gets_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from client.runtime import user_for_node
+    from shared.config import FederationConfig
+
+    monkeypatch.setattr(flwr_datasets, "FederatedDataset", UnreachableHub)
+    node_config = hub_device_node_config(tmp_path)
+    message = (r"node-config hf-dataset 'org/letters': the Hugging Face Hub is not reachable from this device and no "
+               r"copy is cached \(Couldn't reach 'org/letters' on the Hub \(LocalEntryNotFoundError\)\); connect it "
+               r"once, or bring the data as JSONL \(node-config data-path\)")
+    with pytest.raises(DataError, match=message):
+        user_for_node(node_config, FederationConfig())
+
+
+@pytest.mark.parametrize("node_config, named", [
+    ({"data-path": "me.jsonl", "hf-dataset": "org/letters", "partition-id": 0}, "2 data sources (data-path, hf-dataset)"),
+    ({"hf-dataset": "org/letters", "partition-id": 0, "num-partitions": 3}, "2 data sources (hf-dataset, num-partitions)"),
+    ({"user": "macbeth/MACBETH", "partition-id": 0, "num-partitions": 3}, "2 data sources (user, num-partitions)"),
+])
+def test_a_node_config_naming_two_data_sources_is_refused(node_config: dict, named: str) -> None:
+    from client.runtime import user_for_node
+    from shared.config import ConfigError, FederationConfig
+
+    with pytest.raises(ConfigError, match=re.escape(f"node-config names {named}; a node has exactly one")):
+        user_for_node(node_config, FederationConfig())

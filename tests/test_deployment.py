@@ -15,18 +15,21 @@ from __future__ import annotations
 import shutil
 import ssl
 import stat
+import subprocess
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import psutil
 import pytest
 
 from deploy import superlink as operator
-from deploy.common import DeployError, format_config, parse_config
+from deploy.flower import FlowerError, format_config, parse_config
 from deploy.device import Device
+from deploy.device import main as device_main
 from deploy.loopback import DeviceProcess, LoopbackFederation
 from deploy.tls import certificate_hosts, subject_alt_names
 from server.ledger import Ledger, LedgerError
@@ -77,7 +80,7 @@ def _rounds(ledger_url: str, run_id: str):
 def _round(ledger_url: str, run_id: str, number: int):
     run, rounds = _rounds(ledger_url, run_id)
     if run is not None and run.status != "running":
-        raise DeployError(f"run {run_id} ended as {run.status!r} before round {number} was over")
+        raise FlowerError(f"run {run_id} ended as {run.status!r} before round {number} was over")
     return next((r for r in rounds if r.number == number), None)
 
 
@@ -85,7 +88,7 @@ def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
     deadline = time.monotonic() + timeout
     while not (value := predicate()):
         if time.monotonic() > deadline:
-            raise DeployError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise FlowerError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(poll)
     return value
 
@@ -159,7 +162,7 @@ def deployment(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
         federation.start_device(intruder)
         try:
             observed.intruder_exit = intruder.process.wait(timeout=60)
-        except Exception:  # still running: the assertion below reports it
+        except subprocess.TimeoutExpired:  # still running: the assertion below reports it
             observed.intruder_exit = None
         observed.intruder_seconds = time.monotonic() - started
         observed.intruder_log = intruder.log.read_text(errors="replace")
@@ -167,7 +170,7 @@ def deployment(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
 
         try:
             _kill_mid_round(federation, observed)
-        except DeployError as error:
+        except FlowerError as error:
             observed.kill_error = str(error)
         observed.status = federation.wait_for_run(run_id, timeout=RUN_TIMEOUT)
         observed.timings["run"] = time.monotonic() - t0 - timings["setup"]
@@ -306,13 +309,13 @@ def test_device_command_and_node_config(tmp_path: Path):
     assert command[command.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
     assert command[command.index("--auth-supernode-private-key") + 1] == str(tmp_path / "key")
     assert command[command.index("--host") + 1] == "127.0.0.1" and int(command[command.index("--port") + 1]) > 0
-    with pytest.raises(DeployError, match="exactly one data source"):
+    with pytest.raises(FlowerError, match="exactly one data source"):
         Device(superlink="127.0.0.1:9093", state_dir=tmp_path, base="smollm2", ca=tmp_path / "ca.crt",
                key=tmp_path / "key").command()
-    with pytest.raises(DeployError, match="not found"):
+    with pytest.raises(FlowerError, match="not found"):
         Device(superlink="127.0.0.1:9093", state_dir=tmp_path, base=str(tmp_path / "missing"),
                user="macbeth/MACBETH", ca=tmp_path / "ca.crt", key=tmp_path / "key").command()
-    with pytest.raises(DeployError, match="HOST:PORT"):
+    with pytest.raises(FlowerError, match="HOST:PORT"):
         Device(superlink="https://x:1", state_dir=tmp_path, base="smollm2", user="macbeth/MACBETH",
                ca=tmp_path / "ca.crt", key=tmp_path / "key").command()
 
@@ -320,20 +323,72 @@ def test_device_command_and_node_config(tmp_path: Path):
 def test_config_rendering():
     assert format_config({"a": 1, "b": "x y", "c": True, "d": 0.5}) == 'a=1 b="x y" c=true d=0.5'
     assert parse_config('a=1 b="x y" c=true d=0.5') == {"a": 1, "b": "x y", "c": True, "d": 0.5}
-    with pytest.raises(DeployError):
+    with pytest.raises(FlowerError, match="may not contain a double quote"):
         format_config({"a": 'say "hi"'})
+    with pytest.raises(FlowerError, match="must be letters, digits"):
+        format_config({"a b": 1})
+    with pytest.raises(FlowerError, match="'x' is not key=value"):
+        parse_config("a=1 x")
     assert subject_alt_names(["10.0.0.1", "::1", "fl.example.org"]) == "IP:10.0.0.1,IP:::1,DNS:fl.example.org"
-    with pytest.raises(DeployError):
+    with pytest.raises(FlowerError, match="neither an IP address nor a DNS name"):
         subject_alt_names(["https://x"])
+
+
+def test_config_text_reaches_flower_unchanged():
+    """The run config the main job, the comparison and the operator send is what Flower's own parser reads."""
+    from flwr.common.config import parse_config_args
+
+    values = {"base-model": "/tmp/my bases/compressed", "learning-rate": 0.002, "server-learning-rate": 1e-05,
+              "num-server-rounds": 3, "activation-checkpointing": False, "exclude-plays": "hamlet,macbeth",
+              "state-dir": "C:\\runs\\x y", "domain": "comédie\tet\nnuit"}
+    text = format_config(values)
+    assert text == ('base-model="/tmp/my bases/compressed" learning-rate=0.002 server-learning-rate=1e-05 '
+                    'num-server-rounds=3 activation-checkpointing=false exclude-plays="hamlet,macbeth" '
+                    'state-dir="C:\\\\runs\\\\x y" domain="comédie\\tet\\nnuit"')
+    assert parse_config_args([text]) == values
+
+
+def test_device_with_a_hub_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    (tmp_path / "base").mkdir()
+    device = Device(superlink="127.0.0.1:9093", state_dir=tmp_path / "state", base=str(tmp_path / "base"),
+                    insecure=True, hf_dataset="org/letters", hf_partition_by="author", partition_id=4)
+    command = device.command()
+    assert parse_config(command[command.index("--node-config") + 1]) == {
+        "base-model": str(tmp_path / "base"), "hf-dataset": "org/letters", "partition-id": 4,
+        "hf-partition-by": "author", "state-dir": str(tmp_path / "state")}
+    # the ClientApp downloads the dataset (or reads the device's cache): the hub stays reachable
+    assert "HF_HUB_OFFLINE" not in device.env() and "TRANSFORMERS_OFFLINE" not in device.env()
+    offline = Device(superlink="127.0.0.1:9093", state_dir=tmp_path / "state", base=str(tmp_path / "base"),
+                     insecure=True, user="macbeth/MACBETH").env()
+    assert (offline["HF_HUB_OFFLINE"], offline["TRANSFORMERS_OFFLINE"]) == ("1", "1")
+
+    def refused(**source) -> str:
+        with pytest.raises(FlowerError) as error:
+            Device(superlink="127.0.0.1:9093", state_dir=tmp_path, base=str(tmp_path / "base"), insecure=True,
+                   **source).command()
+        return str(error.value)
+
+    assert refused(hf_dataset="org/letters").startswith("--hf-dataset needs --partition-id N (N >= 0)")
+    assert refused(hf_dataset="org/letters", partition_id=-1).startswith("--hf-dataset needs --partition-id")
+    assert refused(hf_dataset="org/letters", partition_id=0, num_partitions=3).startswith("give exactly one data source")
+    assert refused(user="macbeth/MACBETH", partition_id=0).startswith("give exactly one data source")
+    assert refused(user="macbeth/MACBETH", hf_text_field="body") == (
+        "--hf-partition-by, --hf-text-field and --hf-domain-field go with --hf-dataset")
+    # the command line: the same check, before anything starts
+    code = device_main(["start", "--superlink", "127.0.0.1:9093", "--insecure", "--base", str(tmp_path / "base"),
+                        "--hf-dataset", "org/letters", "--state-dir", str(tmp_path / "cli")])
+    assert code == 2 and capsys.readouterr().err.startswith("error: --hf-dataset needs --partition-id N")
 
 
 def test_run_announces_the_compressed_base_unless_the_operator_names_one(monkeypatch, capsys):
     parser = operator._parser()
     assert parser.parse_args(["run", "--dir", "d"]).base == "compressed"
     submitted, built = [], []
-    monkeypatch.setattr(operator.Settings, "load", staticmethod(lambda directory: object()))
+    cli = SimpleNamespace(submit=lambda config, app: submitted.append(config) or "42")
+    monkeypatch.setattr(operator.Settings, "load", staticmethod(lambda directory: SimpleNamespace(cli=cli)))
     monkeypatch.setattr(operator, "prepare_base", lambda spec: built.append(spec) or f"/cache/{spec}")
-    monkeypatch.setattr(operator, "submit_run", lambda settings, config, app: submitted.append(config) or "42")
     assert operator.main(["run", "--dir", "d", "--run-config", "num-server-rounds=2"]) == 0
     assert built == ["compressed"]
     assert format_config(submitted[0]) == 'num-server-rounds=2 base-model="/cache/compressed"'

@@ -72,11 +72,15 @@ def test_the_main_job_command_runs_end_to_end(tiny_base, tmp_path):
     from simulations.run import main
 
     overrides = "base-dtype=\"float32\" local-steps=4 seq-len=32 batch-size=2 max-eval-blocks=4 min-speeches=60"
-    code = main(["--users", "2", "--rounds", "1", "--base", str(tiny_base), "--workdir", str(tmp_path),
+    workdir = tmp_path / "work folder"  # paths with spaces travel in the run config
+    code = main(["--users", "2", "--rounds", "1", "--base", str(tiny_base), "--workdir", str(workdir),
                  "--run-config", overrides])
     assert code == 0
-    report = (tmp_path / "report.md").read_text()
+    report = (workdir / "report.md").read_text()
     assert "## Held-out perplexity per user" in report and report.count("| ") > 10
-    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}", read_only=True) as ledger:
+    with Ledger(f"sqlite:///{workdir / 'ledger.db'}", read_only=True) as ledger:
         (run,) = ledger.runs()
         assert run.status == "completed" and run.config["exclude-plays"] == ""
+        # the run config the server received: the job's own values, the overrides, the pyproject defaults
+        assert (run.config["state-dir"], run.config["output-dir"]) == (str(workdir / "devices"), str(workdir / "outputs"))
+        assert (run.config["base-dtype"], run.config["local-steps"], run.config["learning-rate"]) == ("float32", 4, 0.002)
