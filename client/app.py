@@ -53,14 +53,13 @@ def _prepare(msg: Message, context: Context) -> Job:
     require_base(str(msg.content["config"].get("base-hash", "")), session.base_hash)
     session.reset()
     folder = state_folder(context.node_config, config, user)
-    if method_.personal == "b-matrices":  # FedSA: the device's own B lives in its saved shared adapter
+    if method_.keeps_b_matrices:  # FedSA: the device's own B lives in its saved shared adapter
         load_personal(session.model, SHARED, folder, session.base_hash)
     if method_.sends_arrays:
         load_arrays(session.model, msg.content["arrays"], max_bytes=int(config.max_update_mb * 2**20),
                     adapter_name=SHARED, keep=method_.shared_key)
-    if method_.personal in ("stacked", "alone", "finetune") and not load_personal(session.model, PERSONAL, folder,
-                                                                                 session.base_hash):
-        if config.method == "ditto":  # Ditto starts the personal model from the global one
+    if method_.keeps_personal and not load_personal(session.model, PERSONAL, folder, session.base_hash):
+        if method_.personal_from_shared:
             copy_adapter(session.model, SHARED, PERSONAL)
     train_blocks, test_blocks = user_blocks(user, session.tokenizer, config)
     job = Job(config, method_, user, session, train_blocks, test_blocks, folder,
@@ -74,7 +73,7 @@ def keep_received_shared(job: Job) -> None:
 
     FedSA's shared adapter holds the device's private B: it is saved after training instead.
     """
-    if job.method.sends_arrays and job.method.personal != "b-matrices":
+    if job.method.sends_arrays and not job.method.keeps_b_matrices:
         save_personal(job.session.model, SHARED, job.folder, job.session.base_hash, **_tags(job))
 
 
@@ -99,10 +98,9 @@ def train_shared(job: Job) -> dict[str, float]:
 
 def train_personal(job: Job, steps: int) -> dict[str, float]:
     """Steps on the personal adapter: on top of the frozen shared one (dual), or alone (local, Ditto)."""
-    stacked = job.method.personal == "stacked"
-    job.session.use([SHARED, PERSONAL] if stacked else [PERSONAL], trainable=[PERSONAL])
+    job.session.use([SHARED, PERSONAL] if job.method.stacks_personal else [PERSONAL], trainable=[PERSONAL])
     penalty = None
-    if job.config.method == "ditto" and job.config.ditto_lambda > 0:
+    if job.method.proximal_to_shared and job.config.ditto_lambda > 0:
         shared = job.session.parameters_of(SHARED)
         penalty = proximal_penalty(job.session.parameters_of(PERSONAL), {k: p.detach().clone() for k, p in shared.items()},
                                    job.config.ditto_lambda)
@@ -127,9 +125,9 @@ def _tags(job: Job) -> dict[str, object]:
 
 def save_private_state(job: Job) -> None:
     tags = _tags(job)
-    if job.method.personal == "b-matrices":
+    if job.method.keeps_b_matrices:
         save_personal(job.session.model, SHARED, job.folder, job.session.base_hash, **tags)
-    elif job.method.personal in ("stacked", "alone", "finetune"):
+    elif job.method.keeps_personal:
         save_personal(job.session.model, PERSONAL, job.folder, job.session.base_hash, **tags)
 
 
@@ -154,10 +152,10 @@ def train(msg: Message, context: Context) -> Message:
     stats = {"train-loss": float("nan"), "train-steps": 0.0}
     if job.method.sends_arrays:
         stats = train_shared(job)
-    if job.method.personal in ("stacked", "alone"):
-        steps = job.config.local_steps if job.method.name == "local" else job.config.personal_steps
+    if job.method.trains_personal:
+        steps = job.config.local_steps if job.method.personal_steps_from_local else job.config.personal_steps
         personal = train_personal(job, steps)
-        if not job.method.sends_arrays:
+        if job.method.personal_steps_from_local:
             stats = {"train-loss": personal["train-loss"], "train-steps": personal["train-steps"]}
         stats.update(best_step_metric(personal))
     after = score_user_model(job)
@@ -185,7 +183,7 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     with job.session.model.disable_adapter():
         base = evaluate(job.session.model, job.test_blocks, job.config.micro_batch_size)
     tuning: dict[str, float] = {}
-    if job.method.personal == "finetune":  # fedavg-ft: the user tunes a copy of the global adapter
+    if job.method.tunes_at_evaluation:  # fedavg-ft: the user tunes a copy of the global adapter
         copy_adapter(job.session.model, SHARED, PERSONAL)
         tuning = best_step_metric(train_personal(job, job.config.personal_steps))
         save_private_state(job)

@@ -2,37 +2,32 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
+from server.aggregation import checkpoint_domain
 from server.ledger import Ledger
-from server.strategy import FederatedAdapters
+from server.strategy import FederatedAdapters, ResumedRounds
 from shared.adapters import adapter_state, attach_adapter, expected_shapes, load_arrays, lora_config, save_adapter, to_arrays
 from shared.base_model import load_model, weights_hash
-from shared.config import FederationConfig
+from shared.config import FederationConfig, fedgraft_home
 from shared.methods import GLOBAL_GROUP, method
 
 app = ServerApp()
 
 
-def state_dir() -> Path:
-    """Where the ledger and run outputs go unless the run config says otherwise ($FEDGRAFT_HOME)."""
-    return Path(os.environ.get("FEDGRAFT_HOME", Path.home() / ".fedgraft"))
-
-
 def open_ledger(config: FederationConfig) -> Ledger:
-    return Ledger(config.ledger_url or Ledger.default_url(state_dir()))
+    return Ledger(config.ledger_url or Ledger.default_url(fedgraft_home()))
 
 
 def save_group_adapters(adapter: PeftModel, groups: dict[str, ArrayRecord], folder: Path) -> None:
     """Each group's final adapter in peft's format: global-adapter/, domain-<name>/."""
     for group, arrays in groups.items():
         load_arrays(adapter, arrays, keep=lambda key, shared=set(arrays.keys()): key in shared)
-        name = "global-adapter" if group == GLOBAL_GROUP else group.replace("domain:", "domain-")
+        name = "global-adapter" if group == GLOBAL_GROUP else f"domain-{checkpoint_domain(group)}"
         save_adapter(adapter, folder / name)
 
 
@@ -74,18 +69,20 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=config.min_train_nodes,
         min_available_nodes=config.min_train_nodes,
     )
-    strategy.restore(ledger.resume_run(run_id, context.run_id) if config.resume_run else 0)
+    done = ledger.resume_run(run_id, context.run_id) if config.resume_run else 0
+    strategy.restore(done)
     initial = strategy.groups.get(GLOBAL_GROUP) or to_arrays(adapter_state(adapter))
     announced = ConfigRecord({"base-hash": base_hash})
     try:
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds - strategy.round_offset,
-                       timeout=config.round_timeout, train_config=announced, evaluate_config=ConfigRecord(dict(announced)))
+        (ResumedRounds(strategy, done) if done else strategy).start(
+            grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds - done, timeout=config.round_timeout,
+            train_config=announced, evaluate_config=ConfigRecord(dict(announced)))
     except BaseException as error:
         ledger.record_event(run_id, "run-failed", f"{type(error).__name__}: {error}")
         ledger.finish_run(run_id, "failed")
         raise
     if method_.sends_arrays:
-        output = Path(config.output_dir) if config.output_dir else state_dir() / "runs"
+        output = Path(config.output_dir) if config.output_dir else fedgraft_home() / "runs"
         save_group_adapters(adapter, strategy.groups, output / f"run-{context.run_id}")
     ledger.finish_run(run_id, "completed")
     ledger.close()

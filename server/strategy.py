@@ -1,39 +1,33 @@
 """Federated adapters with a selectable personalization method, update checks and a round ledger.
 
-Aggregation is Flower's: FedAvg (McMahan et al., 2017, https://arxiv.org/abs/1602.05629), FedProx,
-FedAdam or FedYogi (Reddi et al., 2021), one instance per aggregation group. A group is the global
-adapter or, for per-domain methods, one domain's adapter; replies are grouped by the domain each
-client declares. ``FederatedAdapters`` adds what a production server needs around them:
+``FederatedAdapters`` samples nodes as Flower's FedAvg does and leaves aggregation to
+``server/aggregation.py`` (one Flower rule per aggregation group). Around it, what a production
+server needs:
 
 - a deadline for node availability (Flower's sampler waits forever);
 - validation of every reply: hostile or corrupt updates (wrong keys or shapes, NaN, oversized,
   missing metrics) are rejected and recorded, never averaged in;
 - per-node payloads: each node receives its group's adapter, and only the tensors the method shares;
 - a ledger row for every round and client result, failures included, and a checkpoint per group.
+
+Further behaviour comes as Flower-style wrappers that take a ``strategy``: ``ResumedRounds`` numbers
+the rounds of a run resumed after a crash.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Mapping
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 
+from server.aggregation import (EVALUATE_METRICS, OPTIONAL_METRICS, TRAIN_METRICS, GroupAdapters, check_metrics,
+                                make_rule)
 from server.ledger import Ledger
 from shared.adapters import AdapterUpdateError, array_nbytes, check_update
 from shared.methods import GLOBAL_GROUP, Method, group_of
-
-TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-steps", "eval-loss-before", "eval-loss",
-                           "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds", "peak-rss-mb"})
-EVALUATE_METRICS = frozenset({"num-examples", "base-loss", "base-perplexity", "base-accuracy", "eval-loss",
-                              "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds"})
-# Sent only when personal training keeps its best validation checkpoint (run-config validation-fraction).
-OPTIONAL_METRICS = frozenset({"personal-best-step"})
-OPTIMIZER_PREFIX = "optimizer:"
-MAX_EXAMPLES = 10**9  # a client claiming more is lying about its weight in the average
 
 
 class NodeWaitTimeout(TimeoutError):
@@ -51,44 +45,31 @@ def wait_for_nodes(grid: Grid, minimum: int, deadline_seconds: float, poll_secon
     return nodes
 
 
-def check_metrics(metrics: Mapping[str, float], expected: frozenset[str]) -> None:
-    """Metric keys must be the expected ones (plus any of OPTIONAL_METRICS), values finite, and the weight plausible."""
-    if not expected <= set(metrics) <= expected | OPTIONAL_METRICS:
-        raise AdapterUpdateError(f"metric keys differ: missing {sorted(expected - set(metrics))}, "
-                                 f"unexpected {sorted(set(metrics) - expected - OPTIONAL_METRICS)}")
-    for key, value in metrics.items():
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise AdapterUpdateError(f"metric {key!r} is not a finite number: {value!r}")
-    if not 0 < metrics["num-examples"] <= MAX_EXAMPLES:
-        raise AdapterUpdateError(f"num-examples {metrics['num-examples']} is out of range")
+class ResumedRounds(Strategy):
+    """Wraps a strategy so that Flower's rounds continue after the ``done`` rounds of a resumed run.
 
+    Flower's loop numbers rounds from 1 on every start. Shifting the number here, once, gives the
+    wrapped strategy (its ledger rows, its server optimizer's bias correction) and the
+    ``server-round`` its clients receive the run's own round numbers.
+    """
 
-def make_rule(name: str, server_learning_rate: float = 0.01, proximal_mu: float = 0.01) -> Strategy:
-    """A Flower strategy used only for its aggregation step (sampling is done by the caller)."""
-    common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 0, "min_available_nodes": 0}
-    if name == "fedavg":
-        return FedAvg(**common)
-    if name == "fedprox":  # the proximal term itself is applied by the clients
-        return FedProx(proximal_mu=proximal_mu, **common)
-    if name == "fedadam":
-        return FedAdam(eta=server_learning_rate, **common)
-    if name == "fedyogi":
-        return FedYogi(eta=server_learning_rate, **common)
-    raise ValueError(f"unknown aggregation rule {name!r}; choose fedavg, fedprox, fedadam or fedyogi")
+    def __init__(self, strategy: Strategy, done: int) -> None:
+        self.strategy, self.done = strategy, done
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round + self.done, arrays, config, grid)
 
-def aggregate_group(rule: Strategy, server_round: int, current: ArrayRecord, replies: list[Message]) -> ArrayRecord:
-    """One group's new adapter: the rule's aggregate of its replies, starting from ``current``."""
-    if hasattr(rule, "current_arrays"):  # server optimisers (FedAdam, FedYogi) step from the current model
-        rule.current_arrays = {key: array.numpy() for key, array in current.items()}
-    arrays, _ = rule.aggregate_train(server_round, replies)
-    return arrays if arrays is not None else current
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.strategy.aggregate_train(server_round + self.done, replies)
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.done, arrays, config, grid)
 
-def mix(domain: ArrayRecord, global_: ArrayRecord, weight: float) -> ArrayRecord:
-    """weight * domain + (1 - weight) * global, key by key (hierarchical global -> domain)."""
-    return ArrayRecord({key: Array(weight * domain[key].numpy() + (1 - weight) * global_[key].numpy())
-                        for key in domain.keys()})
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round + self.done, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
 
 
 class FederatedAdapters(FedAvg):
@@ -130,30 +111,32 @@ class FederatedAdapters(FedAvg):
         self.max_update_bytes = max_update_bytes
         self.node_wait_seconds = node_wait_seconds
         self.evaluate_rounds = evaluate_rounds
-        self.domain_mix = domain_mix
-        self.new_rule = lambda: make_rule(aggregation, server_learning_rate, proximal_mu)
-        self.rules: dict[str, Strategy] = {}
-        self.groups: dict[str, ArrayRecord] = {}  # group -> its current adapter (the shared part)
+        self.group_adapters = GroupAdapters(lambda: make_rule(aggregation, server_learning_rate, proximal_mu),
+                                            domain_mix)
         self.node_groups: dict[int, str] = {}  # learned from the domain each node declares
         self._sent: dict[str, list[Message]] = {}  # phase -> messages of the current round
-        self.round_offset = 0  # rounds already done before a resume; Flower counts from 1 again
+
+    @property
+    def groups(self) -> dict[str, ArrayRecord]:
+        """Each group's current adapter (the shared part)."""
+        return self.group_adapters.adapters
 
     # --- resume after a crash -------------------------------------------------------------------
 
     def restore(self, last_round: int) -> None:
-        """Continue after ``last_round``: adapters and server-optimizer state come back from the ledger."""
-        self.round_offset = last_round
+        """Continue after ``last_round``: adapters, server-optimizer state and each node's group, from the ledger.
+
+        A node's group is the one of its last accepted reply, as the uninterrupted run had learned it:
+        without it a per-domain method would send every node the global adapter for a round. Nodes that
+        rejoin under new ids (a restarted SuperLink) start from the global adapter, as new nodes do.
+        """
         if last_round == 0 or not self.method.sends_arrays:
             return
-        for domain in self.ledger.checkpoint_domains(self.run_id, last_round):
-            tensors = self.ledger.load_checkpoint(self.run_id, last_round, domain=domain)
-            if domain.startswith(OPTIMIZER_PREFIX):
-                rule = self.rules.setdefault(domain.removeprefix(OPTIMIZER_PREFIX), self.new_rule())
-                rule.m_t = {k.removeprefix("m/"): v for k, v in tensors.items() if k.startswith("m/")}
-                rule.v_t = {k.removeprefix("v/"): v for k, v in tensors.items() if k.startswith("v/")}
-            else:
-                group = f"domain:{domain}" if domain else GLOBAL_GROUP
-                self.groups[group] = ArrayRecord({k: Array(v) for k, v in tensors.items()})
+        self.group_adapters.restore({domain: self.ledger.load_checkpoint(self.run_id, last_round, domain=domain)
+                                     for domain in self.ledger.checkpoint_domains(self.run_id, last_round)})
+        for result in self.ledger.client_results(self.run_id):
+            if result.phase == "train" and result.status == "ok" and result.round_number <= last_round:
+                self.node_groups[int(result.node_id)] = group_of(self.method, result.domain)
 
     # --- payloads -------------------------------------------------------------------------------
 
@@ -172,7 +155,6 @@ class FederatedAdapters(FedAvg):
     # --- training -------------------------------------------------------------------------------
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
         self.groups.setdefault(GLOBAL_GROUP, self._shared_part(arrays))
         wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes), self.node_wait_seconds)
         messages = self._messages(super().configure_train(server_round, arrays, config, grid), config, MessageType.TRAIN)
@@ -182,7 +164,6 @@ class FederatedAdapters(FedAvg):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
         replies = list(replies)
         accepted = [reply for reply in replies if self._record_reply(server_round, reply, "train")]
         failed = len(replies) - len(accepted) + self._record_missing(server_round, replies, "train")
@@ -198,33 +179,18 @@ class FederatedAdapters(FedAvg):
         return self.groups[GLOBAL_GROUP], metrics
 
     def _aggregate_groups(self, server_round: int, accepted: list[Message]) -> None:
-        """Global aggregate of all replies, then per-domain aggregates (mixed with the global one)."""
-        by_group: dict[str, list[Message]] = {}
-        for reply in accepted:
-            group = group_of(self.method, _text(reply.content.config_records.get("identity", ConfigRecord()), "domain"))
+        """Aggregate every group (server/aggregation.py) and checkpoint all a resumed run needs."""
+        groups = [group_of(self.method, _text(reply.content.config_records.get("identity", ConfigRecord()), "domain"))
+                  for reply in accepted]
+        for reply, group in zip(accepted, groups, strict=True):
             self.node_groups[self._node_of(reply, "train")] = group
-            by_group.setdefault(group, []).append(reply)
-        previous_global = self.groups[GLOBAL_GROUP]
-        self.groups[GLOBAL_GROUP] = aggregate_group(self.rules.setdefault(GLOBAL_GROUP, self.new_rule()), server_round,
-                                                    previous_global, accepted)
-        for group, group_replies in sorted(by_group.items()):
-            if group == GLOBAL_GROUP:
-                continue
-            current = self.groups.get(group, previous_global)  # a new domain starts where its nodes started
-            aggregate = aggregate_group(self.rules.setdefault(group, self.new_rule()), server_round, current, group_replies)
-            self.groups[group] = mix(aggregate, self.groups[GLOBAL_GROUP], self.domain_mix)
-        for group, arrays in self.groups.items():
-            self.ledger.save_checkpoint(self.run_id, server_round, {k: v.numpy() for k, v in arrays.items()},
-                                        domain="" if group == GLOBAL_GROUP else group.removeprefix("domain:"))
-        for group, rule in self.rules.items():
-            if getattr(rule, "m_t", None):  # FedAdam/FedYogi moments, so a resumed run steps as if never stopped
-                state = {f"m/{k}": v for k, v in rule.m_t.items()} | {f"v/{k}": v for k, v in (rule.v_t or {}).items()}
-                self.ledger.save_checkpoint(self.run_id, server_round, state, domain=OPTIMIZER_PREFIX + group)
+        self.group_adapters.aggregate(server_round, accepted, groups)
+        for domain, tensors in self.group_adapters.checkpoints().items():
+            self.ledger.save_checkpoint(self.run_id, server_round, tensors, domain=domain)
 
     # --- evaluation -----------------------------------------------------------------------------
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
         if server_round not in self.evaluate_rounds:
             self._sent["evaluate"] = []  # or the previous evaluation's nodes would count as missing
             return []
@@ -235,7 +201,6 @@ class FederatedAdapters(FedAvg):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        server_round += self.round_offset
         replies = list(replies)
         accepted = [reply for reply in replies if self._record_reply(server_round, reply, "evaluate")]
         self._record_missing(server_round, replies, "evaluate")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,14 +23,15 @@ class AdapterUpdateError(ValueError):
     """An adapter update is malformed or hostile: wrong keys or shapes, non-finite, or too large."""
 
 
-def lora_config(config: FederationConfig) -> LoraConfig:
-    """The peft LoRA configuration the run config asks for."""
+def lora_config(config: FederationConfig, **extra: Any) -> LoraConfig:
+    """The peft LoRA configuration the run config asks for (``extra``: further LoraConfig fields)."""
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=config.target_modules,
         task_type="CAUSAL_LM",
+        **extra,
     )
 
 

@@ -6,15 +6,19 @@ user's model is assembled. A client holds up to two adapters on the base:
 - ``shared``: aggregated by the server (all of it, or only its A matrices for ``fedsa``);
 - ``personal``: trained on the device and saved there, never sent.
 
-| method      | travels                  | personal adapter                           | a user's model            |
-|-------------|--------------------------|--------------------------------------------|---------------------------|
-| `local`     | nothing                  | trained alone                              | personal                  |
-| `fedavg`    | shared (global)          | none                                       | shared                    |
-| `fedavg-ft` | shared (global)          | shared copied, fine-tuned at evaluation    | personal                  |
-| `domain`    | shared (one per domain)  | none                                       | shared                    |
-| `fedsa`     | A of shared (global)     | B of shared stays on the device            | global A + own B          |
-| `dual`      | shared (global/domain)   | trained on top of the frozen shared one    | shared + personal         |
-| `ditto`     | shared (global)          | trained with a pull toward shared          | personal                  |
+| method        | travels (`Shares`)         | personal adapter (`Personal`)                               | a user's model    |
+|---------------|----------------------------|-------------------------------------------------------------|-------------------|
+| `local`       | nothing (`NONE`)           | trained alone, with the local-steps budget (`ALONE`)        | personal          |
+| `fedavg`      | shared, global (`ALL`)     | none (`NONE`)                                               | shared            |
+| `fedavg-ft`   | shared, global (`ALL`)     | shared copied, fine-tuned at evaluation (`FINETUNE`)        | personal          |
+| `domain`      | shared, per domain (`ALL`) | none (`NONE`)                                               | shared            |
+| `fedsa`       | A of shared (`LORA_A`)     | B of shared stays on the device (`B_MATRICES`)              | global A + own B  |
+| `dual`        | shared, global (`ALL`)     | trained on top of the frozen shared one (`STACKED`)         | shared + personal |
+| `dual-domain` | shared, per domain (`ALL`) | trained on top of the frozen shared one (`STACKED`)         | shared + personal |
+| `ditto`       | shared, global (`ALL`)     | starts from shared, trained with a pull toward it (`ALONE`) | personal          |
+
+The client asks a method questions (``trains_personal``, ``tunes_at_evaluation``, ``keeps_b_matrices``,
+``personal_from_shared``, ``proximal_to_shared``, ...), never its name.
 
 References: FedAvg (McMahan et al., 2017); FedSA-LoRA (Guo et al., ICLR 2025); FDLoRA (Qi et al.,
 2024) and FedDPA (Yang et al., 2024) for dual adapters; Ditto (Li et al., ICML 2021).
@@ -23,9 +27,32 @@ References: FedAvg (McMahan et al., 2017); FedSA-LoRA (Guo et al., ICLR 2025); F
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 SHARED, PERSONAL = "shared", "personal"
 GLOBAL_GROUP = "global"
+
+
+class Shares(Enum):
+    """Which tensors of the shared adapter travel to the server."""
+
+    NONE = "none"
+    ALL = "all"
+    LORA_A = "lora_A"  # FedSA: only the A matrices
+
+    def travels(self, key: str) -> bool:
+        """Whether an adapter tensor (peft state-dict key) travels."""
+        return self is Shares.ALL or (self is Shares.LORA_A and "lora_A" in key)
+
+
+class Personal(Enum):
+    """How the device's private adapter takes part in a user's model."""
+
+    NONE = "none"  # no private adapter: the user's model is the shared one
+    STACKED = "stacked"  # shared + personal active together, personal trained on top of the frozen shared
+    ALONE = "alone"  # personal replaces shared
+    B_MATRICES = "b-matrices"  # the device's own B under the global A, kept in its saved shared adapter
+    FINETUNE = "finetune"  # a copy of the shared adapter tuned at evaluation
 
 
 @dataclass(frozen=True)
@@ -33,34 +60,68 @@ class Method:
     """How one personalization method uses the two adapters."""
 
     name: str
-    shares: str  # "none", "all" (every shared tensor) or "lora_A" (only A matrices)
+    shares: Shares
     by_domain: bool  # shared adapter aggregated per domain (else one global adapter)
-    personal: str  # "none", "stacked" (shared + personal active), "alone" (personal replaces shared),
-    #              "b-matrices" (own B under the global A), "finetune" (copy of shared tuned at evaluation)
+    personal: Personal
+    personal_from_shared: bool = False  # a new personal adapter starts as a copy of the shared one (Ditto)
+    proximal_to_shared: bool = False  # personal training is pulled toward the shared adapter (Ditto)
 
     @property
     def sends_arrays(self) -> bool:
-        return self.shares != "none"
+        return self.shares is not Shares.NONE
+
+    @property
+    def keeps_personal(self) -> bool:
+        """Whether the device saves and restores a ``personal`` adapter."""
+        return self.personal in (Personal.STACKED, Personal.ALONE, Personal.FINETUNE)
+
+    @property
+    def keeps_b_matrices(self) -> bool:
+        """Whether the device's saved ``shared`` adapter holds its private B (FedSA)."""
+        return self.personal is Personal.B_MATRICES
+
+    @property
+    def trains_personal(self) -> bool:
+        """Whether a train message trains the personal adapter."""
+        return self.personal in (Personal.STACKED, Personal.ALONE)
+
+    @property
+    def stacks_personal(self) -> bool:
+        """Whether the personal adapter runs on top of the shared one (else alone)."""
+        return self.personal is Personal.STACKED
+
+    @property
+    def tunes_at_evaluation(self) -> bool:
+        """Whether an evaluate message first tunes a copy of the shared adapter (fedavg-ft)."""
+        return self.personal is Personal.FINETUNE
+
+    @property
+    def personal_steps_from_local(self) -> bool:
+        """Whether personal training is the method's only training, with ``local-steps`` and its stats (local)."""
+        return self.trains_personal and not self.sends_arrays
 
     @property
     def user_adapters(self) -> list[str]:
         """The adapters active in a user's model under this method (the last column of the table above)."""
-        return {"none": [SHARED], "b-matrices": [SHARED], "stacked": [SHARED, PERSONAL]}.get(self.personal, [PERSONAL])
+        if self.personal in (Personal.NONE, Personal.B_MATRICES):
+            return [SHARED]
+        return [SHARED, PERSONAL] if self.stacks_personal else [PERSONAL]
 
     def shared_key(self, key: str) -> bool:
         """Whether an adapter tensor (peft state-dict key) travels under this method."""
-        return self.shares == "all" or (self.shares == "lora_A" and "lora_A" in key)
+        return self.shares.travels(key)
 
 
 METHODS: dict[str, Method] = {
-    "local": Method("local", shares="none", by_domain=False, personal="alone"),
-    "fedavg": Method("fedavg", shares="all", by_domain=False, personal="none"),
-    "fedavg-ft": Method("fedavg-ft", shares="all", by_domain=False, personal="finetune"),
-    "domain": Method("domain", shares="all", by_domain=True, personal="none"),
-    "fedsa": Method("fedsa", shares="lora_A", by_domain=False, personal="b-matrices"),
-    "dual": Method("dual", shares="all", by_domain=False, personal="stacked"),
-    "dual-domain": Method("dual-domain", shares="all", by_domain=True, personal="stacked"),
-    "ditto": Method("ditto", shares="all", by_domain=False, personal="alone"),
+    "local": Method("local", Shares.NONE, by_domain=False, personal=Personal.ALONE),
+    "fedavg": Method("fedavg", Shares.ALL, by_domain=False, personal=Personal.NONE),
+    "fedavg-ft": Method("fedavg-ft", Shares.ALL, by_domain=False, personal=Personal.FINETUNE),
+    "domain": Method("domain", Shares.ALL, by_domain=True, personal=Personal.NONE),
+    "fedsa": Method("fedsa", Shares.LORA_A, by_domain=False, personal=Personal.B_MATRICES),
+    "dual": Method("dual", Shares.ALL, by_domain=False, personal=Personal.STACKED),
+    "dual-domain": Method("dual-domain", Shares.ALL, by_domain=True, personal=Personal.STACKED),
+    "ditto": Method("ditto", Shares.ALL, by_domain=False, personal=Personal.ALONE, personal_from_shared=True,
+                    proximal_to_shared=True),
 }
 
 AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedyogi")

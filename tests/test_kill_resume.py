@@ -1,4 +1,10 @@
-"""A real server process killed mid-run (SIGKILL), then the run resumed from the ledger."""
+"""A real server process killed mid-run (SIGKILL), then the run resumed from the ledger.
+
+The resumed run must end where the same seeded run ends uninterrupted, bit for bit: the server
+restores the adapters, FedAdam's moments and the round numbers, and every client draws its batches
+and LoRA dropout from its seed and round alone, so the same arithmetic runs in the same order. The
+two clients' updates are summed in whatever order they arrive, which is exact for two terms.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,11 @@ import time
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from server.ledger import Ledger
-from simulations.run import SimulationError, run_simulation
+from simulations.run import SimulationError, SimulationResult, run_simulation
 
 pytestmark = pytest.mark.simulation
 ROUNDS, USERS = 5, 2  # rounds enough that a kill after round 1 lands before the last one
@@ -63,6 +71,12 @@ def kill_server_after_round(ledger_url: str, flwr_home: str, number: int, deadli
     return killed
 
 
+def final_global_adapter(result: SimulationResult) -> dict[str, torch.Tensor]:
+    """The global adapter the ServerApp saved at the end of the run (server/app.py)."""
+    return load_file(result.workdir / "outputs" / f"run-{result.flower_run_id}" / "global-adapter"
+                     / "adapter_model.safetensors")
+
+
 def test_killed_server_resumes_from_the_last_committed_round(tiny_base, tmp_path):
     ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
     run_config = {"base-model": str(tiny_base), "base-dtype": "float32", "num-server-rounds": ROUNDS,
@@ -96,3 +110,10 @@ def test_killed_server_resumes_from_the_last_committed_round(tiny_base, tmp_path
         (resume,) = [e for e in events if e.kind == "resume"]
         assert result.flower_run_id in resume.message
         assert {"", "optimizer:global"} <= set(ledger.checkpoint_domains(run.id, ROUNDS))
+
+    uninterrupted = run_simulation(USERS, {**run_config, "ledger-url": f"sqlite:///{tmp_path / 'reference.db'}"},
+                                   tmp_path / "reference", timeout=400)
+    expected, resumed = final_global_adapter(uninterrupted), final_global_adapter(result)
+    assert expected.keys() == resumed.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(resumed[key], tensor), key

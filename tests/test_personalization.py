@@ -15,7 +15,7 @@ from client import app as client_app
 from client.personal import StalePersonalAdapter, user_folder
 from client.runtime import adapter_session, user_blocks, user_for_node
 from shared.adapters import adapter_state, attach_adapter, lora_config, to_arrays
-from shared.base_model import load_model
+from shared.base_model import BaseModelError, load_model
 from shared.config import FederationConfig
 from shared.methods import PERSONAL, SHARED
 from shared.training import TokenBlocks, evaluate, hold_out, train_adapter
@@ -112,7 +112,7 @@ def test_a_personal_adapter_from_another_base_is_refused(device, tmp_path):
 
 def test_client_refuses_a_base_other_than_the_announced_one(device):
     config = run_config(device, "fedavg")
-    with pytest.raises(Exception, match="base model mismatch"):
+    with pytest.raises(BaseModelError, match="base model mismatch"):
         send(client_app.train, config, device, global_arrays(config), base_hash="ab" * 32)
 
 

@@ -1,4 +1,4 @@
-"""Resuming a crashed run: adapters and optimizer state from the ledger, no round counted twice."""
+"""Resuming a crashed run: adapters, optimizer state and node groups from the ledger, no round counted twice."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import pytest
 from flwr.app import ConfigRecord
 
 from server.ledger import Ledger
+from server.strategy import ResumedRounds
 from test_strategy import FakeGrid, arrays, one_round, reply_to, strategy_for, task_identity  # noqa: F401
 
 NODES = [11, 12]
@@ -25,7 +26,7 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(ledger, meth
     kwargs = {"method": method, "aggregation": aggregation, "server_learning_rate": 0.3, "nodes": NODES}
     reference, _ = strategy_for(ledger, **kwargs)
     for number, answers in enumerate(ANSWERS, start=1):
-        one_round(reference, NODES, answers, server_round=number)
+        reference_sent, _ = one_round(reference, NODES, answers, server_round=number)
 
     crashed, run_id = strategy_for(ledger, **kwargs)
     one_round(crashed, NODES, ANSWERS[0], server_round=1)
@@ -38,9 +39,16 @@ def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(ledger, meth
     resumed, _ = strategy_for(ledger, **kwargs)
     resumed.run_id = run_id
     resumed.restore(last)
-    # Flower's loop counts from 1 again; the strategy maps it to round 3
-    sent, _ = one_round(resumed, NODES, ANSWERS[2], server_round=1)
+    # Flower's loop counts from 1 again; the wrapper maps it to round 3
+    sent, _ = one_round(ResumedRounds(resumed, last), NODES, ANSWERS[2], server_round=1, method=resumed.method)
     assert all(m.content["config"]["server-round"] == 3 for m in sent)
+    # each node starts round 3 from the adapter it would have received had the server never stopped
+    # (its domain's under "domain", which needs the node-to-group map back from the ledger)
+    expected_payloads = {m.metadata.dst_node_id: m.content["arrays"] for m in reference_sent}
+    for message in sent:
+        expected = expected_payloads[message.metadata.dst_node_id]
+        for key in expected.keys():
+            np.testing.assert_array_equal(message.content["arrays"][key].numpy(), expected[key].numpy())
     for group, expected in reference.groups.items():
         for key in expected.keys():
             np.testing.assert_allclose(resumed.groups[group][key].numpy(), expected[key].numpy(), rtol=1e-6)

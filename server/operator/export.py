@@ -159,20 +159,14 @@ def lora_config(run_config: Mapping[str, Any]):  # -> peft.LoraConfig (peft is i
     missing = [key for key in LORA_KEYS if run_config.get(key) in (None, "")]
     if missing:
         raise LedgerError(f"the run's config lacks {', '.join(missing)}: cannot describe its adapter")
-    from peft import LoraConfig  # imports torch: only the adapter export pays for it
+    from shared.adapters import lora_config as run_lora_config  # imports torch: only the adapter export pays for it
+    from shared.config import ConfigError, FederationConfig
 
-    target_modules = run_config["lora-target-modules"]
-    if isinstance(target_modules, str):
-        target_modules = [name.strip() for name in target_modules.split(",") if name.strip()]
-    return LoraConfig(
-        r=int(run_config["lora-r"]),
-        lora_alpha=int(run_config["lora-alpha"]),
-        lora_dropout=float(run_config["lora-dropout"]),
-        target_modules=list(target_modules),
-        base_model_name_or_path=str(run_config["base-model"]),
-        task_type="CAUSAL_LM",
-        inference_mode=True,
-    )
+    try:  # only the LoRA keys: a run stored by an older version may hold keys this one no longer knows
+        config = FederationConfig.from_run_config({key: run_config[key] for key in LORA_KEYS})
+    except ConfigError as error:
+        raise LedgerError(f"the run's LoRA settings are invalid: {error}") from error
+    return run_lora_config(config, base_model_name_or_path=config.base_model, inference_mode=True)
 
 
 def save_tensors(tensors: Mapping[str, numpy.ndarray], path: Path) -> None:

@@ -7,21 +7,19 @@ stays one query however many rounds they have.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 from sqlalchemy import Select, func, select
 
 from server.ledger import Checkpoint, Ledger, LedgerError, Round
 from server.ledger.records import RoundRecord, RunRecord
+from shared.config import fedgraft_home
 
 
 def default_ledger_url() -> str:
     """The ledger the server writes unless told otherwise: ``$FEDGRAFT_HOME/ledger.db``."""
-    home = Path(os.environ.get("FEDGRAFT_HOME", Path.home() / ".fedgraft"))
-    return Ledger.default_url(home)
+    return Ledger.default_url(fedgraft_home())
 
 
 def open_ledger(url: str) -> Ledger:
