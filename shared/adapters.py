@@ -48,7 +48,7 @@ def attach_adapter(base: PreTrainedModel, lora: LoraConfig, seed: int = 0, adapt
         raise ValueError(f"{error}. Linear modules in this base: {linear_names}") from error
     for parameter in model.parameters():
         if parameter.requires_grad:
-            parameter.data = parameter.data.float()  # bf16 base, fp32 adapter: trains as well, 2x faster
+            parameter.data = parameter.data.float()  # fp32 adapter on a bf16 base: small steps would round away in bf16
     return model
 
 

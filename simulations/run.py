@@ -192,11 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     table = per_user_table(result.ledger_url, result.flower_run_id)
     console.print(table.to_rich())
     report = write_report(result.ledger_url, result.flower_run_id, args.workdir / "report.md", wall_seconds=result.seconds)
+    if not table.rows:  # Flower reports a run whose every client failed as completed
+        console.print(f"[bold red]No user was evaluated:[/] every client failed; see the ledger's events "
+                      f"(.venv/bin/fedgraft-ops events {result.flower_run_id} --db {result.ledger_url})")
+        return 1
     console.print(f"Run {result.flower_run_id} completed in {result.seconds / 60:.1f} min. "
                   f"Ledger: {result.ledger_url}  Report: {report}")
-    if table.rows:
-        console.print("Use a user's model: .venv/bin/python -m client.use generate "
-                      f"--state-dir {run_config['state-dir']} --user {table.rows[0].user_id!r} --prompt 'My lord,'")
+    console.print("Use a user's model: .venv/bin/python -m client.use generate "
+                  f"--state-dir {run_config['state-dir']} --user {table.rows[0].user_id!r} --prompt 'My lord,'")
     return 0
 
 

