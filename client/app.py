@@ -24,7 +24,7 @@ from shared.adapters import adapter_state, load_arrays, to_arrays
 from shared.config import FederationConfig
 from shared.data import UserData
 from shared.memory import peak_rss_bytes
-from shared.methods import PERSONAL, SHARED, Method, method
+from shared.methods import PERSONAL, SHARED, Aggregation, Method, method
 from shared.training import TokenBlocks, evaluate, hold_out, proximal_penalty, train_adapter
 
 app = ClientApp()
@@ -88,7 +88,7 @@ def train_shared(job: Job) -> dict[str, float]:
     job.session.use([SHARED], trainable=[SHARED])
     parameters = job.session.parameters_of(SHARED)
     penalty = None
-    if job.config.aggregation == "fedprox" and job.config.proximal_mu > 0:
+    if Aggregation(job.config.aggregation).clients_add_proximal_term and job.config.proximal_mu > 0:
         penalty = proximal_penalty(parameters, {k: p.detach().clone() for k, p in parameters.items()},
                                    job.config.proximal_mu)
     return train_adapter(job.session.model, job.train_blocks, job.config.local_steps, job.config.batch_size,

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from shared.adapters import AdapterUpdateError
-from shared.methods import GLOBAL_GROUP
+from shared.methods import GLOBAL_GROUP, Aggregation
 
 TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-steps", "eval-loss-before", "eval-loss",
                            "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds", "peak-rss-mb"})
@@ -45,18 +45,16 @@ def check_metrics(metrics: Mapping[str, float], expected: frozenset[str]) -> Non
         raise AdapterUpdateError(f"num-examples {metrics['num-examples']} is out of range")
 
 
-def make_rule(name: str, server_learning_rate: float = 0.01, proximal_mu: float = 0.01) -> Strategy:
+def make_rule(aggregation: Aggregation, server_learning_rate: float = 0.01, proximal_mu: float = 0.01) -> Strategy:
     """A Flower strategy used only for its aggregation step (sampling is done by the caller)."""
     common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 0, "min_available_nodes": 0}
-    if name == "fedavg":
-        return FedAvg(**common)
-    if name == "fedprox":  # the proximal term itself is applied by the clients
+    if aggregation is Aggregation.FEDPROX:  # the proximal term itself is applied by the clients
         return FedProx(proximal_mu=proximal_mu, **common)
-    if name == "fedadam":
+    if aggregation is Aggregation.FEDADAM:
         return FedAdam(eta=server_learning_rate, **common)
-    if name == "fedyogi":
+    if aggregation is Aggregation.FEDYOGI:
         return FedYogi(eta=server_learning_rate, **common)
-    raise ValueError(f"unknown aggregation rule {name!r}; choose fedavg, fedprox, fedadam or fedyogi")
+    return FedAvg(**common)
 
 
 def aggregate_group(rule: Strategy, server_round: int, current: ArrayRecord, replies: list[Message]) -> ArrayRecord:

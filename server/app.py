@@ -14,7 +14,7 @@ from server.strategy import FederatedAdapters, ResumedRounds
 from shared.adapters import adapter_state, attach_adapter, expected_shapes, load_arrays, lora_config, save_adapter, to_arrays
 from shared.base_model import load_model, weights_hash
 from shared.config import FederationConfig, fedgraft_home
-from shared.methods import GLOBAL_GROUP, method
+from shared.methods import GLOBAL_GROUP, Aggregation, method
 
 app = ServerApp()
 
@@ -56,7 +56,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = FederatedAdapters(
         ledger, run_id, method_,
         adapter_shapes=expected_shapes(adapter),
-        aggregation=config.aggregation,
+        aggregation=Aggregation(config.aggregation),
         max_update_bytes=int(config.max_update_mb * 2**20),
         node_wait_seconds=config.node_wait_seconds,
         evaluate_rounds=config.evaluate_rounds,

@@ -27,7 +27,7 @@ from server.aggregation import (EVALUATE_METRICS, OPTIONAL_METRICS, TRAIN_METRIC
                                 make_rule)
 from server.ledger import Ledger
 from shared.adapters import AdapterUpdateError, array_nbytes, check_update
-from shared.methods import GLOBAL_GROUP, Method, group_of
+from shared.methods import GLOBAL_GROUP, Aggregation, Method, group_of
 
 
 class NodeWaitTimeout(TimeoutError):
@@ -85,8 +85,8 @@ class FederatedAdapters(FedAvg):
         The personalization method (what is shared, per domain or global).
     adapter_shapes : Mapping[str, tuple[int, ...]]
         Keys and shapes of the full shared adapter; replies must carry exactly the shared part.
-    aggregation : str
-        Flower rule that aggregates each group: fedavg, fedprox, fedadam or fedyogi.
+    aggregation : Aggregation
+        Flower rule that aggregates each group: FedAvg, FedProx, FedAdam or FedYogi.
     max_update_bytes : int
         Largest accepted update.
     node_wait_seconds : float
@@ -102,7 +102,8 @@ class FederatedAdapters(FedAvg):
     """
 
     def __init__(self, ledger: Ledger, run_id: int, method: Method, adapter_shapes: Mapping[str, tuple[int, ...]],
-                 max_update_bytes: int, node_wait_seconds: float, evaluate_rounds: set[int], aggregation: str = "fedavg",
+                 max_update_bytes: int, node_wait_seconds: float, evaluate_rounds: set[int],
+                 aggregation: Aggregation = Aggregation.FEDAVG,
                  domain_mix: float = 1.0, server_learning_rate: float = 0.01, proximal_mu: float = 0.01,
                  **fedavg_args) -> None:
         super().__init__(**fedavg_args)

@@ -124,7 +124,23 @@ METHODS: dict[str, Method] = {
                     proximal_to_shared=True),
 }
 
-AGGREGATIONS = ("fedavg", "fedprox", "fedadam", "fedyogi")
+
+
+class Aggregation(Enum):
+    """The Flower rule that aggregates each group's replies (built by ``server.aggregation.make_rule``)."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+
+    @property
+    def clients_add_proximal_term(self) -> bool:
+        """FedProx's proximal term is part of the clients' local loss; the server only averages."""
+        return self is Aggregation.FEDPROX
+
+
+AGGREGATIONS = tuple(rule.value for rule in Aggregation)
 
 
 def method(name: str) -> Method:

@@ -139,6 +139,20 @@ def test_ditto_personal_model_is_pulled_toward_the_shared_one(device):
     assert distances[1] < distances[0]
 
 
+def test_under_fedprox_the_client_pulls_the_shared_adapter_toward_what_it_received(device):
+    # mu is the same in all three runs: only FedProx's clients may apply it
+    moved = {}
+    for aggregation in ("fedavg", "fedprox", "fedadam"):
+        config = run_config(device, "fedavg", **{"aggregation": aggregation, "proximal-mu": 50.0,
+                                                 "state-dir": str(device["state"] / aggregation)})
+        received = global_arrays(config)
+        reply = send(client_app.train, config, device, received)
+        sent = reply.content["arrays"]
+        moved[aggregation] = sum(float(np.linalg.norm(sent[k].numpy() - received[k].numpy())) for k in received.keys())
+    assert moved["fedavg"] == moved["fedadam"]
+    assert moved["fedprox"] < moved["fedavg"]
+
+
 def nonzero_global(config: dict) -> ArrayRecord:
     """A global adapter as after some rounds: B no longer zero."""
     generator = torch.Generator().manual_seed(1)

@@ -11,7 +11,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from server.ledger import Ledger
 from server.strategy import FederatedAdapters, NodeWaitTimeout, wait_for_nodes
-from shared.methods import METHODS
+from shared.methods import METHODS, Aggregation
 
 SHAPES = {"layer.lora_A.weight": (2, 3), "layer.lora_B.weight": (3, 2)}
 
@@ -198,7 +198,7 @@ def test_failed_and_missing_clients_are_recorded_against_their_nodes(ledger):
 
 
 def test_fedadam_steps_from_the_current_adapter(ledger):
-    strategy, _ = strategy_for(ledger, aggregation="fedadam", server_learning_rate=0.1, nodes=(11, 12))
+    strategy, _ = strategy_for(ledger, aggregation=Aggregation.FEDADAM, server_learning_rate=0.1, nodes=(11, 12))
     _, (aggregated, _) = one_round(strategy, [11, 12], {11: (1.0, 1, "a"), 12: (1.0, 1, "a")})
     value = aggregated["layer.lora_A.weight"].numpy()[0, 0]
     # Adam's first step from the adapter (0.0) toward the average (1.0), with Flower's FedAdam defaults
