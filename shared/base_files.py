@@ -180,3 +180,49 @@ def find_compressed_base(recipe: str, cache_dir: Path | None = None) -> Path:
     if not is_built(folder):
         raise BaseModelError(f"the compressed base {folder} is missing: run `{command}`")
     return folder
+
+
+# --- emulator bases ----------------------------------------------------------------------------------
+# An emulator base (Offsite-Tuning, Xiao et al. 2023; FedBiOT, Wu et al. 2024) keeps some of its
+# teacher's blocks exactly and compresses the ones between them; adapters trained on the kept blocks
+# run on the teacher too. The build writes the layout beside the weights; the run time reads it.
+
+EMULATOR_FILE = "emulator.json"
+
+
+@dataclass(frozen=True)
+class EmulatorLayout:
+    """How an emulator base's decoder blocks map to its teacher's."""
+
+    teacher: str  # the teacher's spec, e.g. "smollm2"
+    teacher_layers: tuple[int, ...]  # the teacher block index of each emulator block, in order
+    adapter_layers: tuple[int, ...]  # emulator blocks that are the teacher's own, bit-identical: adapters go there
+
+    def __post_init__(self) -> None:
+        if list(self.teacher_layers) != sorted(set(self.teacher_layers)) or min(self.teacher_layers, default=-1) < 0:
+            raise BaseModelError(f"emulator teacher_layers must be increasing block indices, got {self.teacher_layers}")
+        if not self.adapter_layers or not set(self.adapter_layers) <= set(range(len(self.teacher_layers))):
+            raise BaseModelError(f"emulator adapter_layers {self.adapter_layers} must name some of its "
+                                 f"{len(self.teacher_layers)} blocks")
+
+    def teacher_index(self, layer: int) -> int:
+        """The teacher block an emulator block stands for."""
+        return self.teacher_layers[layer]
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / EMULATOR_FILE).write_text(json.dumps({
+            "teacher": self.teacher, "teacher_layers": list(self.teacher_layers),
+            "adapter_layers": list(self.adapter_layers)}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path | str) -> EmulatorLayout | None:
+        """The layout of a base folder; None for a base that is not an emulator (or a hub id)."""
+        path = Path(folder) / EMULATOR_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return cls(str(data["teacher"]), tuple(int(i) for i in data["teacher_layers"]),
+                       tuple(int(i) for i in data["adapter_layers"]))
+        except (ValueError, KeyError, TypeError) as error:
+            raise BaseModelError(f"{path} is not a valid emulator layout ({error})") from error
