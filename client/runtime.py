@@ -20,7 +20,7 @@ import torch
 from peft import set_peft_model_state_dict
 
 from client.personal import user_folder
-from shared.adapters import adapter_state, attach_adapter, lora_config
+from shared.adapters import adapter_state, attach_adapter, base_lora_config
 from shared.base_model import BaseModelError, load_model, load_tokenizer, weights_hash
 from shared.config import ConfigError, FederationConfig, fedgraft_home
 from shared.methods import PERSONAL, SHARED
@@ -76,7 +76,8 @@ def adapter_session(config: FederationConfig) -> AdapterSession:
     if config.activation_checkpointing:
         base.activation_checkpointing_enable()  # non-reentrant
     tokenizer, base_hash = load_tokenizer(config.base_model), weights_hash(base)
-    model = attach_adapter(base, lora_config(config), seed=config.seed, adapter_name=SHARED, extra_adapters=(PERSONAL,))
+    model = attach_adapter(base, base_lora_config(config), seed=config.seed, adapter_name=SHARED,
+                           extra_adapters=(PERSONAL,))
     initial = {adapter: adapter_state(model, adapter) for adapter in (SHARED, PERSONAL)}
     return AdapterSession(model, tokenizer, base_hash, initial)
 

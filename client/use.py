@@ -11,7 +11,8 @@ for ``ditto``/``local``/``fedavg-ft`` the personal one, for ``fedavg``/``domain`
     python -m client.use generate --state-dir ~/.fedgraft/devices --user "macbeth/LADY MACBETH" --prompt "My lord,"
 
 ``--base`` defaults to the base the adapters were trained on (from their tag); the base's weights are
-hashed and checked against the tag before anything runs.
+hashed and checked against the tag before anything runs. Adapters trained on an emulator base run on
+its teacher with ``--on-teacher`` (``--teacher`` names another copy of it; shared/plugin.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +30,9 @@ from rich.console import Console
 from rich.table import Table
 
 from client.personal import PEFT_WEIGHTS, TAG_FILE, StalePersonalAdapter, user_folder
-from shared.base_model import BaseModelError, load_model, load_tokenizer, weights_hash
+from shared.base_model import BaseModelError, base_layout, load_model, load_tokenizer, weights_hash
 from shared.methods import PERSONAL, SHARED, method
+from shared.plugin import NotPluggable, plug_into_teacher
 from shared.training import evaluate, tokenize_blocks
 
 console = Console()
@@ -47,6 +50,7 @@ class PersonalModel:
     adapters: list[str]
     saved: list[str]
     tag: dict
+    runs_on: str  # the base spec the model runs on: the one trained on, or the emulator's teacher
 
     def use(self, adapters: list[str] | None) -> None:
         """Make these adapters active (None: the base alone, adapters disabled)."""
@@ -67,8 +71,13 @@ def read_tags(folder: Path) -> dict[str, dict]:
     return tags
 
 
-def load_personal_model(folder: Path, base: str | None = None, dtype: str | None = None) -> PersonalModel:
-    """Load the base and the adapters saved in ``folder``; refuse adapters trained on another base."""
+def load_personal_model(folder: Path, base: str | None = None, dtype: str | None = None, on_teacher: bool = False,
+                        teacher: str | None = None) -> PersonalModel:
+    """Load the base and the adapters saved in ``folder``; refuse adapters trained on another base.
+
+    ``on_teacher``: the adapters were trained on an emulator base; run them on its teacher (the one
+    its layout names, or ``teacher``) instead.
+    """
     tags = read_tags(folder)
     if not tags:
         raise NoSavedAdapter(f"no saved adapter in {folder} (expected {SHARED}/ or {PERSONAL}/ with "
@@ -77,21 +86,38 @@ def load_personal_model(folder: Path, base: str | None = None, dtype: str | None
     base = base or newest.get("base_model")
     if not base:
         raise BaseModelError(f"the adapters in {folder} do not name their base; pass --base")
-    model = load_model(base, dtype or newest.get("base_dtype", "float32"))
+    dtype = dtype or newest.get("base_dtype", "float32")
+    model = load_model(base, dtype)
+    require_trained_on(model, base, tags, folder)
+    saved = list(tags)
+    folders = {adapter: folder / adapter for adapter in saved}
+    runs_on = base
+    with tempfile.TemporaryDirectory() as plugged:
+        if on_teacher:
+            layout = base_layout(base)
+            if layout is None:
+                raise NotPluggable(f"{base!r} is not an emulator base: its adapters run only on it")
+            runs_on = teacher or layout.teacher
+            model = load_model(runs_on, dtype)
+            folders = {adapter: plug_into_teacher(source, Path(plugged) / adapter, layout, runs_on)
+                       for adapter, source in folders.items()}
+        peft_model = PeftModel.from_pretrained(model, folders[saved[0]], adapter_name=saved[0])
+        for adapter in saved[1:]:
+            peft_model.load_adapter(folders[adapter], adapter_name=adapter)
+    peft_model.eval()
+    wanted = method(newest.get("method", "fedavg")).user_adapters
+    adapters = [adapter for adapter in wanted if adapter in saved] or saved
+    return PersonalModel(peft_model, load_tokenizer(runs_on), adapters, saved, newest, runs_on)
+
+
+def require_trained_on(model: torch.nn.Module, base: str, tags: dict[str, dict], folder: Path) -> None:
+    """Refuse adapters whose tag names a base other than the weights of ``model``."""
     local_hash = weights_hash(model)
     for adapter, tag in tags.items():
         if tag.get("base_hash") != local_hash:
             raise StalePersonalAdapter(
                 f"the adapter in {folder / adapter} was trained on base {str(tag.get('base_hash'))[:12]}..., "
                 f"but {base!r} loads as {local_hash[:12]}...; pass the base (and --dtype) it was trained on")
-    saved = list(tags)
-    peft_model = PeftModel.from_pretrained(model, folder / saved[0], adapter_name=saved[0])
-    for adapter in saved[1:]:
-        peft_model.load_adapter(folder / adapter, adapter_name=adapter)
-    peft_model.eval()
-    wanted = method(newest.get("method", "fedavg")).user_adapters
-    adapters = [adapter for adapter in wanted if adapter in saved] or saved
-    return PersonalModel(peft_model, load_tokenizer(base), adapters, saved, newest)
 
 
 def score(personal: PersonalModel, texts: list[str], seq_len: int = 128) -> list[tuple[str, dict[str, float]]]:
@@ -135,6 +161,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         command.add_argument("--user", help="the user id under --state-dir, e.g. 'macbeth/LADY MACBETH'")
         command.add_argument("--base", help="base spec or folder (default: the one named in the adapters' tag)")
         command.add_argument("--dtype", help="base dtype (default: the one the adapters were trained with)")
+        command.add_argument("--on-teacher", action="store_true",
+                             help="run adapters trained on an emulator base on its teacher instead")
+        command.add_argument("--teacher", help="the teacher's spec or folder (default: the one the emulator names); "
+                             "implies --on-teacher")
     score_command, generate_command = commands.choices["score"], commands.choices["generate"]
     text = score_command.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", help="text to score")
@@ -154,19 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     folder = args.folder or user_folder(args.state_dir, args.user)
     try:
-        personal = load_personal_model(folder, args.base, args.dtype)
+        personal = load_personal_model(folder, args.base, args.dtype, args.on_teacher or bool(args.teacher),
+                                       args.teacher)
         if args.command == "score":
             texts = [args.text] if args.text is not None else [p for p in args.file.read_text().split("\n\n") if p.strip()]
             if not texts:
                 raise ValueError(f"nothing to score in {args.file}")
-            table = Table(title=f"{folder.name}: method {personal.tag.get('method')}, round {personal.tag.get('round')}")
+            table = Table(title=f"{folder.name}: method {personal.tag.get('method')}, round {personal.tag.get('round')}, "
+                                f"on {personal.runs_on}")
             for column in ("model", "perplexity", "accuracy", "tokens"):
                 table.add_column(column, justify="left" if column == "model" else "right")
             for label, result in score(personal, texts):
                 table.add_row(label, f"{result['perplexity']:.2f}", f"{result['accuracy']:.3f}", f"{result['tokens']:.0f}")
             console.print(table)
         else:
-            console.print(f"[dim]{folder.name}: {' + '.join(personal.adapters)} on {personal.tag.get('base_model')}[/]")
+            console.print(f"[dim]{folder.name}: {' + '.join(personal.adapters)} on {personal.runs_on}[/]")
             console.print(args.prompt + generate(personal, args.prompt, args.max_new_tokens, args.temperature,
                                                  args.top_p, args.seed), markup=False, highlight=False)
     except (OSError, ValueError, BaseModelError, StalePersonalAdapter) as error:

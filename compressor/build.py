@@ -4,13 +4,16 @@
 
 1. load the teacher and measure it on held-out *client* text (for the report);
 2. trim the vocabulary to the ids the *public* text uses (``vocab.trim``);
-3. drop decoder blocks (``layers``; "importance" scores the blocks on public text first);
+3. drop decoder blocks (``layers``; "importance" scores the blocks on public text first); for an
+   emulator (``[emulator]``) the teacher's first and last blocks are kept and only the middle thinned;
 4. prune KV head groups, then MLP neurons (``heads``, ``mlp``; activation scores on public text);
 5. factorize projections by truncated SVD (``lowrank``; trained as factors, saved dense);
 6. share block weights (``sharing``; trained shared, saved untied);
 7. zero the smallest weights (``magnitude``; the zeros are kept through healing);
-8. heal on the public text (``heal``, see ``compressor.heal``);
-9. save in the recipe's dtype, reload with plain ``from_pretrained`` and measure what was saved.
+8. heal on the public text (``heal``, see ``compressor.heal``); an emulator's middle is distilled
+   instead, everything else frozen (``compressor.emulator``);
+9. save in the recipe's dtype (an emulator also writes its layout, ``emulator.json``), reload with
+   plain ``from_pretrained`` and measure what was saved.
 
 Each step reads and updates one ``Build`` and returns what it adds to the report.
 
@@ -41,8 +44,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from compressor.bridge import bridge_gaps
-from compressor.cache import PIPELINE_VERSION, as_recipe, compressed_folder, record_build
+from compressor.cache import PIPELINE_VERSION, as_recipe, compressed_folder, record_build, shipped_recipe
 from compressor.distill import hidden_layer_map
+from compressor.emulator import Middle, distill_middle, emulator_blocks, emulator_layout, middle_error
 from compressor.evaluate import TextScore, score_documents, teacher_score_cached
 from compressor.heal import heal
 from compressor.layers import (
@@ -66,7 +70,7 @@ from compressor.sharing import share_layers
 from compressor.texts import client_eval_documents, client_pool, count_tokens, encode_documents, public_texts, token_blocks
 from compressor.topk import TopKStore, topk_store_path
 from compressor.vocab import trim_vocabulary, used_token_ids, word_form_ids
-from shared.base_files import compressed_recipe, default_cache_dir, is_built
+from shared.base_files import compressed_recipe, default_cache_dir, is_built, is_recipe_name
 from shared.base_model import DTYPES, load_model, load_tokenizer, materialize_base, weights_hash
 from shared.training import TokenBlocks, evaluate
 
@@ -97,14 +101,15 @@ def build_compressed_base(
 def prepare_base(spec: str) -> tuple[Path | str, list[str]]:
     """(folder or hub id the federation loads, plays the base was healed on) for a base spec.
 
-    A compressed spec (``compressed[:recipe.toml]``) is built once, then cached; any other is
+    A compressed spec (``compressed[:recipe.toml]``, ``compressed:<shipped recipe name>``,
+    ``emulator``) is built once, then cached; any other is
     resolved by ``shared.base_model``. Callers keep the returned plays out of the federation: the
     base has already seen them.
     """
     recipe = compressed_recipe(spec)
     if recipe is None:
         return materialize_base(spec), []
-    loaded = load_recipe(recipe or None)
+    loaded = load_recipe(shipped_recipe(recipe) if is_recipe_name(recipe) else recipe or None)
     return build_compressed_base(loaded), list(loaded.public_plays)
 
 
@@ -294,7 +299,7 @@ def split_public_blocks(build: Build) -> dict[str, Any]:
         if len(build.train_blocks) == 0:
             build.train_blocks = build.public_val
         build.calibration = build.train_blocks[: recipe.calibration_blocks]
-    if settings.uses_teacher:
+    if settings.uses_teacher or (recipe.emulator.enabled and settings.steps > 0):
         build.student = copy.deepcopy(build.teacher)
         if settings.teacher_dtype != "float32":
             cast_base(build.teacher, DTYPES[settings.teacher_dtype])
@@ -306,6 +311,8 @@ def split_public_blocks(build: Build) -> dict[str, Any]:
 
 def drop_blocks(build: Build) -> dict[str, Any]:
     layers, student = build.recipe.layers, build.student
+    if build.recipe.emulator.enabled:
+        return _emulator_blocks(build)
     if layers.keep is None:
         return {}
     num_layers = len(build.keep_indices)
@@ -317,6 +324,30 @@ def drop_blocks(build: Build) -> dict[str, Any]:
         bridges = bridge_gaps(student, build.keep_indices, build.calibration) if layers.bridge else None
         drop_layers(student, build.keep_indices)
     return {"technique": "layers", "how": layers.how, "kept": build.keep_indices,
+            "scores": [round(s, 4) for s in scores] if scores else None, "bridges": bridges}
+
+
+def _emulator_blocks(build: Build) -> dict[str, Any]:
+    """An emulator's blocks: the teacher's edges, and ``layers.keep`` of the middle blocks."""
+    layers, section, student = build.recipe.layers, build.recipe.emulator, build.student
+    num_layers = len(build.keep_indices)
+    with build.stage("layers", f"emulator: {section.first_blocks} + {section.last_blocks} of the teacher's "
+                     f"{num_layers} blocks kept exactly, the middle compressed"):
+        scores = (layer_importance(student, build.calibration_batches())
+                  if layers.how == "importance" and layers.keep is not None else None)
+        try:
+            build.keep_indices = emulator_blocks(num_layers, section, layers.keep, layers.how, scores)
+        except ValueError as error:
+            raise build.bad("emulator", str(error)) from None
+        gaps = [a for a, b in zip(build.keep_indices, build.keep_indices[1:]) if b > a + 1]
+        if layers.bridge and gaps and gaps[0] < section.first_blocks:
+            raise build.bad("layers.bridge", f"the bridge would change edge block {gaps[0]}: keep the first middle "
+                            f"block (block {section.first_blocks}), e.g. with layers.how = \"even\"")
+        bridges = bridge_gaps(student, build.keep_indices, build.calibration) if layers.bridge else None
+        drop_layers(student, build.keep_indices)
+    layout = emulator_layout(build.recipe, build.keep_indices)
+    return {"technique": "emulator", "how": layers.how, "kept": build.keep_indices,
+            "teacher_layers": list(layout.teacher_layers), "adapter_layers": list(layout.adapter_layers),
             "scores": [round(s, 4) for s in scores] if scores else None, "bridges": bridges}
 
 
@@ -390,6 +421,8 @@ def heal_student(build: Build) -> dict[str, Any]:
     if settings.steps == 0:
         build.teacher = None
         return {}
+    if build.recipe.emulator.enabled:
+        return _distill_emulator(build)
     with build.stage("eval_before_heal", "student perplexity before healing"):
         before = score_documents(student, build.student_tokenizer, build.client, reference_tokens=build.teacher_eval_tokens)
         val_before = _public_loss(student, build.public_val)
@@ -410,6 +443,33 @@ def heal_student(build: Build) -> dict[str, Any]:
         stats["public_val_loss_after"] = round(_public_loss(student, build.public_val), 4)
     build.progress.log(f"healed {stats['steps_done']} steps in {stats['seconds']} s ({stats['stopped_by']}); public "
                        f"loss {stats['public_val_loss_before']} -> {stats['public_val_loss_after']}")
+    build.teacher = None
+    return {"eval": {"student_before_heal": before.as_dict()}, "heal": stats}
+
+
+def _distill_emulator(build: Build) -> dict[str, Any]:
+    """Train an emulator's middle to reproduce the teacher's hidden state leaving it (``compressor.emulator``)."""
+    student, teacher = build.student, build.teacher
+    middle = Middle.of(build.recipe.emulator, build.report["teacher"]["layers"], len(build.keep_indices))
+    with build.stage("eval_before_heal", "emulator perplexity and middle error before distilling"):
+        before = score_documents(student, build.student_tokenizer, build.client, reference_tokens=build.teacher_eval_tokens)
+        val_before = _public_loss(student, build.public_val)
+        error_before = middle_error(student, teacher, middle, build.public_val)
+    build.progress.log(f"before distilling: ppl/teacher-token {before.as_dict()['ppl_per_teacher_token']:.2f}, "
+                       f"middle's relative error {error_before:.4f}")
+    budget = _heal_budget(build)
+    steps = build.recipe.heal.steps
+    with build.stage("heal", f"distilling the middle: up to {steps} steps" +
+                     (f" or {budget:.0f} s" if budget is not None else "")):
+        stats = distill_middle(student, teacher, build.train_blocks, build.recipe, middle, budget, build.progress)
+        stats["public_train_blocks"] = len(build.train_blocks)
+        stats["public_val_blocks"] = len(build.public_val)
+        stats["public_val_loss_before"] = round(val_before, 4)
+        stats["public_val_loss_after"] = round(_public_loss(student, build.public_val), 4)
+        stats["middle_error_before"] = round(error_before, 4)
+        stats["middle_error_after"] = round(middle_error(student, teacher, middle, build.public_val), 4)
+    build.progress.log(f"distilled {stats['steps_done']} steps in {stats['seconds']} s ({stats['stopped_by']}); "
+                       f"middle's relative error {stats['middle_error_before']} -> {stats['middle_error_after']}")
     build.teacher = None
     return {"eval": {"student_before_heal": before.as_dict()}, "heal": stats}
 
@@ -465,6 +525,8 @@ def save_student(build: Build) -> dict[str, Any]:
         out.mkdir(parents=True)
         build.student.save_pretrained(out)
         build.student_tokenizer.save_pretrained(out)
+        if recipe.emulator.enabled:
+            emulator_layout(recipe, build.keep_indices).save(out)
         (out / RECIPE_FILE).write_text(
             f"# recipe {recipe.name!r} as built (key {build.key}); source: {recipe.source}\n" + recipe.to_toml()
         )

@@ -15,9 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from compressor.recipe import DEFAULT_RECIPE, Recipe, canonical_json, load_recipe
+from compressor.recipe import RECIPES_DIR, Recipe, canonical_json, load_recipe
 from shared.base_files import (
-    DEFAULT_RECIPE_REF,
     WEIGHT_FILE_SUFFIXES,
     compressed_record,
     compressed_root,
@@ -94,6 +93,11 @@ def compressed_folder(recipe: Recipe | str | Path, cache_dir: Path | None = None
     return compressed_root(cache_dir) / compressed_key(recipe)
 
 
+def shipped_recipe(name: str) -> Path:
+    """The file of a shipped recipe named in a spec (``compressed:<name>``, ``emulator``)."""
+    return RECIPES_DIR / f"{name}.toml"
+
+
 def record_build(recipe: Recipe, folder: Path, cache_dir: Path | None = None) -> None:
     """Record ``folder`` as the build of the recipe's file, for ``shared.base_files.find_compressed_base``.
 
@@ -103,7 +107,8 @@ def record_build(recipe: Recipe, folder: Path, cache_dir: Path | None = None) ->
     if recipe.source is None or load_recipe(recipe.source) != recipe:
         return
     source = Path(recipe.source).resolve()
-    refs = [str(source)] + ([DEFAULT_RECIPE_REF] if source == DEFAULT_RECIPE.resolve() else [])
+    # a shipped recipe also by its name: what ``compressed`` (the default) and ``emulator`` find
+    refs = [str(source)] + ([source.stem] if source.parent == RECIPES_DIR.resolve() else [])
     record = json.dumps({"key": folder.name, "recipe_file": str(source), "recipe_sha256": file_sha256(source)},
                         indent=2) + "\n"
     for ref in refs:

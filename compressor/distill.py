@@ -151,3 +151,14 @@ def hidden_state_loss(
 def hidden_layer_map(keep_indices: Sequence[int]) -> dict[int, int]:
     """The layer map matching each kept block's output to the same block's output in the teacher."""
     return {0: 0} | {i + 1: kept + 1 for i, kept in enumerate(keep_indices)}
+
+
+def relative_hidden_error(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of ||s - t||^2 / ||t||^2 between (..., hidden) states.
+
+    Relative per position, not an MSE: the teacher's first position (its attention sink) carries a
+    hidden state tens of times larger than the others', and an MSE would be mostly that position.
+    """
+    teacher = teacher_hidden.float()
+    error = (student_hidden.float() - teacher).pow(2).sum(-1)
+    return (error / teacher.pow(2).sum(-1).clamp(min=1e-12)).mean()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from shared.lm_loss import IGNORE_INDEX, next_token_loss
 from shared.training import batch_indices
 
 
-def _learning_rate(recipe: Recipe, step: int, elapsed: float, time_budget_s: float | None) -> float:
+def scheduled_learning_rate(recipe: Recipe, step: int, elapsed: float, time_budget_s: float | None) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio`` over steps *or* time, whichever runs out first."""
     heal = recipe.heal
     if step < heal.warmup_steps:
@@ -83,12 +84,19 @@ def heal(
     """
     settings = recipe.heal
     budget = settings.time_budget_s if time_budget_s is None else time_budget_s
+    with healing_attention(student):
+        return _heal_steps(student, train_blocks, recipe, budget, teacher, layer_map, masks, topk_store, progress)
+
+
+@contextmanager
+def healing_attention(student: PreTrainedModel) -> Iterator[None]:
+    """Train ``student`` with ``HEALING_ATTENTION``; the saved model keeps the attention it came with."""
     attention = student.config._attn_implementation
     student.set_attn_implementation(HEALING_ATTENTION)
     try:
-        return _heal_steps(student, train_blocks, recipe, budget, teacher, layer_map, masks, topk_store, progress)
+        yield
     finally:
-        student.set_attn_implementation(attention)  # the saved model keeps the attention it came with
+        student.set_attn_implementation(attention)
 
 
 def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Recipe, budget: float | None,
@@ -122,7 +130,7 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
             break
         batch = train_blocks[index]
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(recipe, step, elapsed, budget)
+            group["lr"] = scheduled_learning_rate(recipe, step, elapsed, budget)
         use_teacher = step >= kd_from and (distilling or matching)
         teacher_start = time.perf_counter()
         teacher_out = topk = None
@@ -170,10 +178,16 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
         progress.advance(task, info=f"loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
     student.requires_grad_(False)
     student.eval()
-    seconds = time.perf_counter() - start
+    return loop_stats(recipe, losses, time.perf_counter() - start, budget, teacher_seconds, stopped_by, kd_steps,
+                      train_blocks.shape[1])
+
+
+def loop_stats(recipe: Recipe, losses: Sequence[float], seconds: float, budget: float | None, teacher_seconds: float,
+               stopped_by: str, kd_steps: int, seq_len: int) -> dict[str, Any]:
+    """The statistics a training loop over the public blocks reports (one loss per step done)."""
     tail = losses[-max(1, len(losses) // 10):] if losses else []
     return {
-        "steps_planned": settings.steps,
+        "steps_planned": recipe.heal.steps,
         "steps_done": len(losses),
         "kd_steps": kd_steps,
         "stopped_by": stopped_by,
@@ -183,5 +197,5 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
         "seconds_per_step": round(seconds / max(len(losses), 1), 3),
         "train_loss_first": round(losses[0], 4) if losses else None,
         "train_loss_last10pct": round(sum(tail) / len(tail), 4) if tail else None,
-        "tokens_seen": len(losses) * settings.batch_size * train_blocks.shape[1],
+        "tokens_seen": len(losses) * recipe.heal.batch_size * seq_len,
     }

@@ -21,6 +21,7 @@ Layout (see ``recipes/default.toml`` for the shipped defaults, and docs/compress
     [magnitude]  sparsity = 0.5, scope = "global" | "layer", modules = [...]
     [lowrank]    rank = 128 (or energy = 0.9), modules = ["gate_proj", "up_proj", "down_proj"]
     [sharing]    groups = [[2, 3], [4, 5]], init = "first" | "mean"
+    [emulator]   first_blocks = 2, last_blocks = 2 (the teacher's own, frozen: adapters go there)
     [heal]       steps, batch_size, seq_len, learning_rate, warmup_steps, time_budget_s,
                  kd_alpha, kd_temperature, kd_start, kd_topk, hidden_weight, autocast, teacher_dtype
     [eval]       min_speeches, speeches, speeches_per_user, document_chars, seed
@@ -94,11 +95,32 @@ class LayersSection:
 
     ``bridge``: fit a linear map across each gap of dropped blocks on the public calibration text and
     fold it into the last kept block before the gap (``bridge.bridge_gaps``); far less to heal.
+    With ``[emulator]``, ``keep`` counts the middle blocks kept and ``how`` chooses among them.
     """
 
     keep: int | None = _field(None, min=1)
     how: str = _field("ends", choices=LAYER_SELECTIONS)
     bridge: bool = False
+
+
+@dataclass(frozen=True)
+class EmulatorSection:
+    """An emulator base (Offsite-Tuning, FedBiOT): the teacher's first and last blocks kept exactly.
+
+    The ``first_blocks`` and ``last_blocks`` blocks, the embedding, the final norm and the head stay
+    the teacher's, frozen and bit-identical in the saved dtype: adapters trained there plug into the
+    teacher. ``[layers]`` then chooses among the middle blocks only (``keep`` counts middle blocks),
+    and healing trains the middle only, to reproduce the teacher's hidden state leaving the middle
+    given the one entering it (``compressor.emulator``), plus ``heal.kd_alpha`` x T^2 x KL on the
+    output when set. Off (an ordinary compressed base) while both counts are 0.
+    """
+
+    first_blocks: int = _field(0, min=0)
+    last_blocks: int = _field(0, min=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.first_blocks + self.last_blocks > 0
 
 
 @dataclass(frozen=True)
@@ -225,6 +247,7 @@ class Recipe:
     magnitude: MagnitudeSection = field(default_factory=MagnitudeSection)
     lowrank: LowRankSection = field(default_factory=LowRankSection)
     sharing: SharingSection = field(default_factory=SharingSection)
+    emulator: EmulatorSection = field(default_factory=EmulatorSection)
     heal: HealSection = field(default_factory=HealSection)
     eval: EvalSection = field(default_factory=EvalSection)
     output: OutputSection = field(default_factory=OutputSection)
@@ -298,11 +321,33 @@ class Recipe:
             raise RecipeError(f"{where}: vocab.plays must be public plays; not in public_plays: {outside}")
         if self.vocab.plays and not self.vocab.trim:
             raise RecipeError(f"{where}: vocab.plays needs vocab.trim = true")
+        self._check_emulator(where)
         known = _known_plays()
         if known is not None:
             unknown = sorted(set(self.public_plays) - known)
             if unknown:
                 raise RecipeError(f"{where}: public_plays: unknown play(s) {unknown}; known plays: {sorted(known)}")
+
+
+    def _check_emulator(self, where: str) -> None:
+        """An emulator's edge blocks must stay the teacher's: refuse what would change them."""
+        if not self.emulator.enabled:
+            return
+        # A Llama config has one head count and one MLP width for every block, and these techniques
+        # act on every block: the edges would change.
+        refused = {"heads.keep_kv_heads": self.heads.keep_kv_heads is not None,
+                   "mlp.keep_ratio": self.mlp.keep_ratio is not None,
+                   "magnitude.sparsity": self.magnitude.sparsity > 0,
+                   "lowrank": self.lowrank.enabled,
+                   "sharing.groups": bool(self.sharing.groups),
+                   # the emulator's distillation has its own hidden-state term and needs the live teacher
+                   "heal.hidden_weight": self.heal.hidden_weight > 0,
+                   "heal.kd_topk": self.heal.kd_topk > 0,
+                   "heal.kd_start": self.heal.kd_start > 0}
+        named = [key for key, used in refused.items() if used]
+        if named:
+            raise RecipeError(f"{where}: [emulator] keeps the teacher's edge blocks exactly and distills the middle "
+                              f"from the live teacher; not supported with it: {', '.join(named)}")
 
 
 def _resolved_hints(cls: type) -> dict[str, Any]:

@@ -17,9 +17,11 @@ JSON fields (all measured during the build, teacher and student in the same run)
   across tokenizers, and ``ppl_per_own_token``.
 - ``ratios``: teacher / student parameters and storage, student / teacher perplexity per teacher token.
 - ``techniques``: one entry per technique applied, with what it did (kept ids and the client-token
-  inflation of the trimmed tokenizer, kept blocks, heads, neurons, ranks, groups, measured sparsity).
+  inflation of the trimmed tokenizer, kept blocks (an emulator's: its teacher and adapter layers),
+  heads, neurons, ranks, groups, measured sparsity).
 - ``heal``: steps planned and done, why it stopped, seconds, losses, public held-out loss before/after,
-  top-k cache use.
+  top-k cache use; for an emulator also ``middle_error_before``/``_after``, the middle's relative
+  error against the teacher's hidden state leaving it on the public held-out blocks.
 - ``timings`` (seconds per stage), ``build_seconds``, ``machine`` (nproc, RAM, torch, load average),
   ``recipe`` (every setting), ``key``, ``public_plays``.
 """
@@ -92,8 +94,12 @@ def _technique_line(entry: dict[str, Any]) -> str:
                 f"special tokens). The client text ({entry['client_texts']} speeches of the other plays) needs "
                 f"{entry['client_token_inflation']:.3f}x the teacher's tokens ({entry['client_tokens_teacher']} -> "
                 f"{entry['client_tokens_student']}).")
-    if kind == "layers":
+    if kind in ("layers", "emulator"):
         line = f"**blocks kept** ({entry['how']}): {entry['kept']}."
+        if kind == "emulator":
+            line = (f"**emulator** of the teacher: its blocks {entry['teacher_layers']}, of which emulator blocks "
+                    f"{entry['adapter_layers']} are the teacher's own, frozen and bit-identical (adapters go there); "
+                    f"the middle chosen by {entry['how']!r}.")
         for bridge in entry.get("bridges") or []:
             line += (f" Linear bridge folded into block {bridge['after_block']} for the gap before block "
                      f"{bridge['before_block']}: relative error of the hidden state {bridge['relative_error_before']}"
@@ -154,6 +160,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"a={settings['kd_alpha']}, T={settings['kd_temperature']} ({teacher_kind})")
         if settings["hidden_weight"] > 0:
             loss += f", plus hidden-state MSE x{settings['hidden_weight']}"
+        if "middle_error_before" in heal:
+            loss = "the middle alone, to the teacher's hidden state leaving it (relative squared error per position)"
+            if settings["kd_alpha"] > 0:
+                loss += f", plus {settings['kd_alpha']} x T^2 x KL on the output (T={settings['kd_temperature']})"
         before = report["eval"].get("student_before_heal", {}).get("ppl_per_teacher_token")
         lines += [
             f"- loss: {loss}; batch {settings['batch_size']} x {settings['seq_len']} tokens, lr "
@@ -168,6 +178,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         if before is not None:
             lines.append(f"- client perplexity per teacher token before healing {before:.2f}, after "
                          f"{report['eval']['student']['ppl_per_teacher_token']:.2f}")
+        if "middle_error_before" in heal:
+            lines.append(f"- the middle's relative error against the teacher's hidden state leaving it (public "
+                         f"held-out blocks): {heal['middle_error_before']} -> {heal['middle_error_after']}")
         if heal.get("topk_cache"):
             cache = heal["topk_cache"]
             lines.append(f"- top-{cache['k']} teacher logits: {cache['blocks_loaded']} blocks from the disk cache, "

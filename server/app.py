@@ -11,7 +11,8 @@ from peft import PeftModel
 from server.aggregation import checkpoint_domain
 from server.ledger import Ledger
 from server.strategy import FederatedAdapters, ResumedRounds
-from shared.adapters import adapter_state, attach_adapter, expected_shapes, load_arrays, lora_config, save_adapter, to_arrays
+from shared.adapters import (adapter_state, attach_adapter, base_lora_config, expected_shapes, load_arrays,
+                             save_adapter, to_arrays)
 from shared.base_model import load_model, weights_hash
 from shared.config import FederationConfig, fedgraft_home
 from shared.methods import GLOBAL_GROUP, Aggregation, method
@@ -51,7 +52,7 @@ def main(grid: Grid, context: Context) -> None:
     ledger = open_ledger(config)
     base = load_model(config.base_model, config.base_dtype)
     base_hash = weights_hash(base)
-    adapter = attach_adapter(base, lora_config(config), seed=config.seed)
+    adapter = attach_adapter(base, base_lora_config(config), seed=config.seed)
     run_id = open_run(ledger, config, context.run_id, base_hash)
     strategy = FederatedAdapters(
         ledger, run_id, method_,

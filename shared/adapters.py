@@ -16,15 +16,26 @@ from flwr.app import ArrayRecord
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel
 
+from shared.base_files import EmulatorLayout
+from shared.base_model import base_layout
 from shared.config import FederationConfig
+
+# where peft finds a block's index in a module's name (``model.layers.<i>.self_attn.q_proj``)
+LAYERS_PATTERN = "layers"
 
 
 class AdapterUpdateError(ValueError):
     """An adapter update is malformed or hostile: wrong keys or shapes, non-finite, or too large."""
 
 
-def lora_config(config: FederationConfig, **extra: Any) -> LoraConfig:
-    """The peft LoRA configuration the run config asks for (``extra``: further LoraConfig fields)."""
+def lora_config(config: FederationConfig, layout: EmulatorLayout | None = None, **extra: Any) -> LoraConfig:
+    """The peft LoRA configuration the run config asks for (``extra``: further LoraConfig fields).
+
+    On an emulator base (``layout``), LoRA goes only on the blocks that are the teacher's own: only
+    there does what it learns mean the same to the teacher.
+    """
+    if layout is not None:
+        extra = {"layers_to_transform": list(layout.adapter_layers), "layers_pattern": LAYERS_PATTERN, **extra}
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -33,6 +44,11 @@ def lora_config(config: FederationConfig, **extra: Any) -> LoraConfig:
         task_type="CAUSAL_LM",
         **extra,
     )
+
+
+def base_lora_config(config: FederationConfig) -> LoraConfig:
+    """The LoRA configuration of a run on its base: what the server and every client attach alike."""
+    return lora_config(config, base_layout(config.base_model))
 
 
 def attach_adapter(base: PreTrainedModel, lora: LoraConfig, seed: int = 0, adapter_name: str = "default",

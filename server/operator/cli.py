@@ -280,18 +280,27 @@ def adapter(
     round_number: RoundOption = None,
     domain: Annotated[str, typer.Option(help="Domain of a per-domain checkpoint; empty: the global adapter.")] = "",
     force: Annotated[bool, typer.Option(help="Replace an adapter already in the folder.")] = False,
+    on_teacher: Annotated[bool, typer.Option(
+        help="The run's base is an emulator: write the adapter for its teacher (blocks renamed to the teacher's).")
+    ] = False,
+    teacher: Annotated[str | None, typer.Option(
+        help="The teacher's spec or folder to name (default: the one the emulator names); implies --on-teacher.")
+    ] = None,
     db: Db = None,
 ) -> None:
     """Write an aggregated adapter checkpoint as a peft folder (PeftModel.from_pretrained loads it)."""
+    for_teacher = on_teacher or teacher is not None
     with reading(db) as ledger:
         record = resolve_run(ledger, run)
-        written = write_adapter(ledger, record, output, round_number, domain, overwrite=force)
+        written = write_adapter(ledger, record, output, round_number, domain, overwrite=force,
+                                for_teacher=for_teacher, teacher=teacher)
     where = f"round {written.round_number}" + (f", domain {written.domain}" if written.domain else "")
+    base = (f"teacher: {written.base_model} (the run's emulator base: {record.base_model})" if for_teacher
+            else f"base model: {record.base_model} (weights sha256 {record.base_hash})")
     stdout().print(Text(
         f"wrote the adapter of run {record.id}, {where} ({written.num_tensors} tensors, sha256"
         f" {fmt.short_hash(written.content_hash)}) to {written.folder}\n"
-        f"base model: {record.base_model} (weights sha256 {record.base_hash}); load it with"
-        f" PeftModel.from_pretrained(base, {str(written.folder)!r})"
+        f"{base}; load it with PeftModel.from_pretrained(base, {str(written.folder)!r})"
     ))  # fmt: skip
 
 

@@ -130,43 +130,70 @@ class AdapterExport:
     domain: str
     num_tensors: int
     content_hash: str
+    base_model: str  # what the adapter's config names as its base: the run's, or the emulator's teacher
 
 
 def write_adapter(
     ledger: Ledger, run: RunRecord, output: Path, round_number: int | None = None, domain: str = "",
-    overwrite: bool = False,
+    overwrite: bool = False, for_teacher: bool = False, teacher: str | None = None,
 ) -> AdapterExport:  # fmt: skip
     """Write a stored checkpoint as a peft adapter folder ``PeftModel.from_pretrained`` loads.
 
     The checkpoint holds exactly the tensors of ``peft.get_peft_model_state_dict``; they go to
     ``adapter_model.safetensors`` unchanged, next to an ``adapter_config.json`` built from the run's
     LoRA settings. ``round_number`` None takes the latest round with a checkpoint for ``domain``.
+    ``for_teacher``: the run's base is an emulator; write the adapter for its teacher (the one its
+    layout names, or ``teacher``), its blocks renamed to the teacher's (``shared.plugin``).
     """
     stored = _find_checkpoint(ledger, run, round_number, domain)
-    lora = lora_config(run.config)  # before writing anything: a run without LoRA settings fails here
+    lora, layout = adapter_config(run.config, for_teacher)  # before writing anything: bad settings fail here
     weights = output / ADAPTER_WEIGHTS
     if weights.exists() and not overwrite:
         raise FileExistsError(f"{weights} already exists (pass --force to replace it)")
     tensors = ledger.load_checkpoint(run.id, stored.round_number, domain)
+    if for_teacher:
+        from shared.plugin import NotPluggable, teacher_adapter
+
+        try:
+            tensors, lora = teacher_adapter(tensors, lora, layout, teacher or layout.teacher)
+        except NotPluggable as error:
+            raise LedgerError(f"run {run.id}'s adapter: {error}") from error
     output.mkdir(parents=True, exist_ok=True)
     save_tensors(tensors, weights)
     lora.save_pretrained(str(output))
-    return AdapterExport(output, stored.round_number, domain, len(tensors), stored.content_hash)
+    return AdapterExport(output, stored.round_number, domain, len(tensors), stored.content_hash,
+                         lora.base_model_name_or_path)
 
 
-def lora_config(run_config: Mapping[str, Any]):  # -> peft.LoraConfig (peft is imported on use)
-    """The peft LoRA configuration of a run, from the run config stored in the ledger."""
+def adapter_config(run_config: Mapping[str, Any], for_teacher: bool = False):  # -> (LoraConfig, EmulatorLayout | None)
+    """The peft LoRA configuration of a run, from the run config stored in the ledger, and its base's layout.
+
+    The layout (which blocks carry adapters on an emulator base) is read from the base where it is on
+    this machine. Without it, the configuration covers every block: loading then gives the blocks
+    absent from the checkpoint a zero LoRA B, so the adapter computes the same. Writing for the
+    teacher needs the layout.
+    """
     missing = [key for key in LORA_KEYS if run_config.get(key) in (None, "")]
     if missing:
         raise LedgerError(f"the run's config lacks {', '.join(missing)}: cannot describe its adapter")
-    from shared.adapters import lora_config as run_lora_config  # imports torch: only the adapter export pays for it
+    from shared.adapters import lora_config  # imports torch: only the adapter export pays for it
+    from shared.base_model import BaseModelError, base_layout
     from shared.config import ConfigError, FederationConfig
 
     try:  # only the LoRA keys: a run stored by an older version may hold keys this one no longer knows
         config = FederationConfig.from_run_config({key: run_config[key] for key in LORA_KEYS})
     except ConfigError as error:
         raise LedgerError(f"the run's LoRA settings are invalid: {error}") from error
-    return run_lora_config(config, base_model_name_or_path=config.base_model, inference_mode=True)
+    try:
+        layout = base_layout(config.base_model)
+    except BaseModelError as error:
+        if for_teacher:
+            raise LedgerError(f"the run's base {config.base_model!r} is not here ({error}): "
+                              "its emulator layout says which teacher blocks the adapter belongs to") from error
+        layout = None
+    if for_teacher and layout is None:
+        raise LedgerError(f"the run's base {config.base_model!r} is not an emulator base: its adapter runs only on it")
+    return lora_config(config, layout, base_model_name_or_path=config.base_model, inference_mode=True), layout
 
 
 def save_tensors(tensors: Mapping[str, numpy.ndarray], path: Path) -> None:
