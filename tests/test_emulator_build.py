@@ -171,6 +171,7 @@ def test_the_bridge_never_changes_an_edge_block(teacher_folder: Path, tmp_path: 
 
 def test_the_shipped_emulator_recipe_keeps_the_teachers_vocabulary_and_other_keys_alone() -> None:
     recipe = load_recipe(RECIPES_DIR / "emulator.toml")
-    assert recipe.name == "emulator" and recipe.emulator.enabled and not recipe.vocab.trim
+    assert recipe.name == "emulator-kd" and recipe.emulator.enabled and not recipe.vocab.trim
+    assert recipe.heal.kd_alpha == 1.0
     assert recipe.output.dtype == "bfloat16"
     assert "emulator" not in json.loads(canonical_json(load_recipe()))  # the default recipe's key is unchanged
