@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from compressor.distill import distillation_loss, relative_hidden_error
-from compressor.heal import healing_attention, loop_stats, scheduled_learning_rate
+from compressor.heal import healing_attention, loop_stats, optimizer_step, scheduled_learning_rate
 from compressor.layers import decoder_layers, select_layers
 from compressor.progress import Progress
 from compressor.recipe import EmulatorSection, Recipe
@@ -180,12 +180,7 @@ def distill_middle(student: PreTrainedModel, teacher: PreTrainedModel, train_blo
             if distilling:  # alpha 1: the soft term alone, T^2 x KL
                 loss = loss + settings.kd_alpha * distillation_loss(logits[:, :-1], teacher_logits[:, :-1],
                                                                     batch[:, 1:], 1.0, settings.kd_temperature)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the middle's distillation loss became {loss.item()} at step {step + 1}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(loss, trained, optimizer, step, "the middle's distillation loss")
             losses.append(loss.item())
             progress.advance(task, info=f"loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
     student.requires_grad_(False)

@@ -166,12 +166,7 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
         if use_teacher and matching:
             loss = loss + settings.hidden_weight * hidden_state_loss(out.hidden_states, teacher_out.hidden_states,
                                                                      layer_map or {})
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"healing loss became {loss.item()} at step {step + 1}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, parameters, optimizer, step, "healing loss")
         if masks:
             apply_masks(masks)
         losses.append(loss.item())
@@ -180,6 +175,17 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
     student.eval()
     return loop_stats(recipe, losses, time.perf_counter() - start, budget, teacher_seconds, stopped_by, kd_steps,
                       train_blocks.shape[1])
+
+
+def optimizer_step(loss: torch.Tensor, parameters: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
+                   step: int, what: str) -> None:
+    """One clipped update from ``loss``; FloatingPointError (naming ``what`` and the step) if it is not finite."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what} became {loss.item()} at step {step + 1}")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def loop_stats(recipe: Recipe, losses: Sequence[float], seconds: float, budget: float | None, teacher_seconds: float,
