@@ -17,7 +17,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.personal import copy_adapter, load_personal, save_personal
+from client.personal import CACHE, copy_adapter, load_personal, save_personal
 from client.runtime import (AdapterSession, adapter_session, device_config, require_base, state_folder, user_blocks,
                             user_for_node)
 from shared.adapters import adapter_state, load_arrays, to_arrays
@@ -25,9 +25,12 @@ from shared.config import FederationConfig
 from shared.data import UserData
 from shared.memory import peak_rss_bytes
 from shared.methods import PERSONAL, SHARED, Aggregation, Method, method
+from shared.retrieval import CacheSetting, build_datastore, choose_setting, evaluate_with_cache
 from shared.training import TokenBlocks, evaluate, hold_out, proximal_penalty, train_adapter
 
 app = ClientApp()
+
+CACHE_VALIDATION_FRACTION = 0.2  # blocks held out to choose the cache's setting, when personal training holds out none
 
 
 @dataclass
@@ -79,7 +82,12 @@ def keep_received_shared(job: Job) -> None:
 
 def score_user_model(job: Job) -> dict[str, float]:
     """Held-out scores of the model this method gives the user (see the table in shared/methods.py)."""
-    job.session.use(job.method.user_adapters, trainable=[])
+    return score_adapters(job, job.method.user_adapters)
+
+
+def score_adapters(job: Job, adapters: list[str]) -> dict[str, float]:
+    """Held-out scores of the base with these adapters active."""
+    job.session.use(adapters, trainable=[])
     return evaluate(job.session.model, job.test_blocks, job.config.micro_batch_size)
 
 
@@ -110,6 +118,29 @@ def train_personal(job: Job, steps: int) -> dict[str, float]:
     return train_adapter(job.session.model, fit, steps, job.config.batch_size, job.config.personal_lr,
                          seed=job.config.seed + 7919 * (job.round + 1), penalty=penalty, validation=validation,
                          validate_every=job.config.validate_every, micro_batch_size=job.config.micro_batch_size)
+
+
+def score_with_cache(job: Job) -> tuple[dict[str, float], dict[str, float]]:
+    """The user's model mixed with a kNN cache of their training speeches (``retrieval`` methods).
+
+    The setting is chosen on the blocks personal training also holds out (a fifth when it holds out
+    none), then the cache is rebuilt from every training block, scored on the held-out test blocks
+    and saved on the device for ``python -m client.use``. Returns (scores, the setting as metrics).
+    """
+    job.session.use(job.method.user_adapters, trainable=[])
+    model, batch = job.session.model, job.config.micro_batch_size
+    fit, validation = hold_out(job.train_blocks, job.config.validation_fraction or CACHE_VALIDATION_FRACTION,
+                               seed=job.config.seed)
+    if validation is None:  # too few blocks to hold any out: no fair choice, so no cache
+        setting, validation_loss = CacheSetting(0.0, 1.0, 1), float("nan")
+    else:
+        setting, validation_loss = choose_setting(model, fit, validation, batch)
+    store = build_datastore(model, job.train_blocks, batch)
+    store.save(job.folder / CACHE, setting, base_hash=job.session.base_hash, **_tags(job))
+    scores = evaluate_with_cache(model, store, job.test_blocks, setting, batch)
+    return scores, {"cache-weight": setting.weight, "cache-temperature": setting.temperature,
+                    "cache-neighbours": float(setting.neighbours), "cache-validation-loss": validation_loss,
+                    "cache-keys": float(len(store))}
 
 
 def best_step_metric(personal_stats: dict[str, float]) -> dict[str, float]:
@@ -188,8 +219,17 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
         tuning = best_step_metric(train_personal(job, job.config.personal_steps))
         save_private_state(job)
     adapted = score_user_model(job)
+    # beside the user's model, the shared adapter alone, so a table can show what personalization added
+    shared = adapted if job.method.user_adapters == [SHARED] else score_adapters(job, [SHARED])
+    cache: dict[str, float] = {}
+    if job.method.retrieval:  # the user's model with its cache; the model alone stays as model-* for comparison
+        cache = {"model-loss": adapted["loss"], "model-perplexity": adapted["perplexity"]}
+        adapted, setting = score_with_cache(job)
+        cache.update(setting)
     metrics = MetricRecord({
         **tuning,
+        **cache,
+        "shared-perplexity": shared["perplexity"],
         "num-examples": len(job.test_blocks),
         "base-loss": base["loss"],
         "base-perplexity": base["perplexity"],

@@ -5,6 +5,7 @@ Layout under the device's state folder (node-config or run-config ``state-dir``)
     <state-dir>/<user>/<adapter>/adapter_config.json        peft's own files: plain
     <state-dir>/<user>/<adapter>/adapter_model.safetensors  PeftModel.from_pretrained loads them
     <state-dir>/<user>/<adapter>/fedgraft.json              base hash, method, round, time
+    <state-dir>/<user>/cache/                               a retrieval method's kNN cache (shared/retrieval.py)
 
 Flower keeps a SuperNode's ``Context.state`` in memory only, so state that must survive a restart
 lives here. An adapter trained on another base is stale: loading it raises StalePersonalAdapter.
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 TAG_FILE = "fedgraft.json"
+CACHE = "cache"
 
 
 class StalePersonalAdapter(RuntimeError):

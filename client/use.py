@@ -29,10 +29,11 @@ from peft import PeftModel
 from rich.console import Console
 from rich.table import Table
 
-from client.personal import PEFT_WEIGHTS, TAG_FILE, StalePersonalAdapter, user_folder
+from client.personal import CACHE, PEFT_WEIGHTS, TAG_FILE, StalePersonalAdapter, user_folder
 from shared.base_model import BaseModelError, base_layout, load_model, load_tokenizer, weights_hash
 from shared.methods import PERSONAL, SHARED, method
 from shared.plugin import NotPluggable, plug_into_teacher
+from shared.retrieval import CacheSetting, Datastore, evaluate_with_cache
 from shared.training import evaluate, tokenize_blocks
 
 console = Console()
@@ -51,6 +52,7 @@ class PersonalModel:
     saved: list[str]
     tag: dict
     runs_on: str  # the base spec the model runs on: the one trained on, or the emulator's teacher
+    cache: tuple[Datastore, CacheSetting] | None = None  # a retrieval method's kNN cache, on the base it was built on
 
     def use(self, adapters: list[str] | None) -> None:
         """Make these adapters active (None: the base alone, adapters disabled)."""
@@ -105,9 +107,22 @@ def load_personal_model(folder: Path, base: str | None = None, dtype: str | None
         for adapter in saved[1:]:
             peft_model.load_adapter(folders[adapter], adapter_name=adapter)
     peft_model.eval()
-    wanted = method(newest.get("method", "fedavg")).user_adapters
-    adapters = [adapter for adapter in wanted if adapter in saved] or saved
-    return PersonalModel(peft_model, load_tokenizer(runs_on), adapters, saved, newest, runs_on)
+    method_ = method(newest.get("method", "fedavg"))
+    adapters = [adapter for adapter in method_.user_adapters if adapter in saved] or saved
+    # the cache's keys are hidden states of the model it was built on: they mean nothing to a teacher
+    cache = load_cache(folder, newest.get("base_hash", "")) if method_.retrieval and not on_teacher else None
+    return PersonalModel(peft_model, load_tokenizer(runs_on), adapters, saved, newest, runs_on, cache)
+
+
+def load_cache(folder: Path, base_hash: str) -> tuple[Datastore, CacheSetting] | None:
+    """The user's kNN cache, if the device has built one; refused when built on another base."""
+    if not (folder / CACHE).is_dir():
+        return None
+    store, setting, tags = Datastore.load(folder / CACHE)
+    if tags.get("base_hash") != base_hash:
+        raise StalePersonalAdapter(f"the kNN cache in {folder / CACHE} was built on base "
+                                   f"{str(tags.get('base_hash'))[:12]}..., not on this one ({base_hash[:12]}...)")
+    return store, setting
 
 
 def require_trained_on(model: torch.nn.Module, base: str, tags: dict[str, dict], folder: Path) -> None:
@@ -132,6 +147,10 @@ def score(personal: PersonalModel, texts: list[str], seq_len: int = 128) -> list
         for label, adapters in variants:
             personal.use(adapters)
             results.append((label, evaluate(personal.model, blocks, batch_size=4)))
+        if personal.cache is not None:
+            store, setting = personal.cache
+            results.append((f"your model + kNN cache (weight {setting.weight:g}, {len(store)} keys)",
+                            evaluate_with_cache(personal.model, store, blocks, setting, batch_size=4)))
     personal.use(personal.adapters)
     return results
 

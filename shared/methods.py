@@ -16,12 +16,18 @@ user's model is assembled. A client holds up to two adapters on the base:
 | `dual`        | shared, global (`ALL`)     | trained on top of the frozen shared one (`STACKED`)         | shared + personal |
 | `dual-domain` | shared, per domain (`ALL`) | trained on top of the frozen shared one (`STACKED`)         | shared + personal |
 | `ditto`       | shared, global (`ALL`)     | starts from shared, trained with a pull toward it (`ALONE`) | personal          |
+| `fedavg-knn`  | shared, global (`ALL`)     | none (`NONE`); a kNN cache of the user's speeches            | shared + cache    |
+| `dual-knn`    | shared, global (`ALL`)     | as `dual` (`STACKED`); a kNN cache of the user's speeches    | shared + personal + cache |
+
+A method with ``retrieval`` scores its user's model mixed with a kNN-LM cache built on the device from
+the user's training speeches (shared/retrieval.py): no training, nothing sent, built at evaluation.
 
 The client asks a method questions (``trains_personal``, ``tunes_at_evaluation``, ``keeps_b_matrices``,
 ``personal_from_shared``, ``proximal_to_shared``, ...), never its name.
 
 References: FedAvg (McMahan et al., 2017); FedSA-LoRA (Guo et al., ICLR 2025); FDLoRA (Qi et al.,
-2024) and FedDPA (Yang et al., 2024) for dual adapters; Ditto (Li et al., ICML 2021).
+2024) and FedDPA (Yang et al., 2024) for dual adapters; Ditto (Li et al., ICML 2021); kNN-LM
+(Khandelwal et al., ICLR 2020) for the cache.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class Method:
     personal: Personal
     personal_from_shared: bool = False  # a new personal adapter starts as a copy of the shared one (Ditto)
     proximal_to_shared: bool = False  # personal training is pulled toward the shared adapter (Ditto)
+    retrieval: bool = False  # the user's model is mixed with a kNN cache of the user's own speeches (kNN-LM)
 
     @property
     def sends_arrays(self) -> bool:
@@ -122,6 +129,8 @@ METHODS: dict[str, Method] = {
     "dual-domain": Method("dual-domain", Shares.ALL, by_domain=True, personal=Personal.STACKED),
     "ditto": Method("ditto", Shares.ALL, by_domain=False, personal=Personal.ALONE, personal_from_shared=True,
                     proximal_to_shared=True),
+    "fedavg-knn": Method("fedavg-knn", Shares.ALL, by_domain=False, personal=Personal.NONE, retrieval=True),
+    "dual-knn": Method("dual-knn", Shares.ALL, by_domain=False, personal=Personal.STACKED, retrieval=True),
 }
 
 

@@ -18,7 +18,8 @@ class UserRow:
     domain: str
     tokens: int
     base_perplexity: float
-    adapter_perplexity: float
+    adapter_perplexity: float  # the user's model under the run's method
+    shared_perplexity: float | None = None  # the shared adapter alone, when the user's model is more than it
 
     @property
     def change(self) -> float:
@@ -45,22 +46,40 @@ class PerUserTable:
                 f"{mean_change:+.1%}; mean {statistics.mean(r.base_perplexity for r in self.rows):.1f} -> "
                 f"{statistics.mean(r.adapter_perplexity for r in self.rows):.1f}")
 
+    @property
+    def personalized(self) -> bool:
+        """Whether the users' models are more than the shared adapter (a personalizing method)."""
+        return any(row.shared_perplexity is not None for row in self.rows)
+
+    def columns(self) -> list[str]:
+        if self.personalized:
+            return ["user", "domain", "tokens", "base", "shared adapter", "personal model", "change"]
+        return ["user", "domain", "tokens", "base", "federated adapter", "change"]
+
+    def cells(self, row: UserRow) -> list[str]:
+        shared = [f"{row.shared_perplexity:.1f}" if row.shared_perplexity is not None else "–"] if self.personalized else []
+        return [row.user_id, row.domain, str(row.tokens), f"{row.base_perplexity:.1f}", *shared,
+                f"{row.adapter_perplexity:.1f}"]
+
     def to_rich(self) -> Table:
         table = Table(title=f"Held-out perplexity per user (run {self.run.flower_run_id})", caption=self.summary())
-        for column in ("user", "domain", "tokens", "base", "federated adapter", "change"):
+        for column in self.columns():
             table.add_column(column, justify="left" if column in ("user", "domain") else "right")
         for row in self.rows:
             colour = "green" if row.change < 0 else "red"
-            table.add_row(row.user_id, row.domain, str(row.tokens), f"{row.base_perplexity:.1f}",
-                          f"{row.adapter_perplexity:.1f}", f"[{colour}]{row.change:+.1%}[/]")
+            table.add_row(*self.cells(row), f"[{colour}]{row.change:+.1%}[/]")
         return table
 
     def to_markdown(self) -> str:
-        lines = ["| user | domain | held-out tokens | base ppl | federated adapter ppl | change |",
-                 "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {r.user_id} | {r.domain} | {r.tokens} | {r.base_perplexity:.1f} | {r.adapter_perplexity:.1f} | "
-                  f"{r.change:+.1%} |" for r in self.rows]
+        columns = self.columns()
+        lines = ["| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * (len(columns) - 2)]
+        lines += ["| " + " | ".join([*self.cells(r), f"{r.change:+.1%}"]) + " |" for r in self.rows]
         return "\n".join(lines + ["", self.summary()])
+
+
+def _shared_if_different(metrics: dict) -> float | None:
+    shared = metrics.get("shared-perplexity")
+    return None if shared is None or shared == metrics["eval-perplexity"] else shared
 
 
 def find_run(ledger: Ledger, flower_run_id: str) -> RunRecord:
@@ -78,7 +97,7 @@ def per_user_table(ledger_url: str, flower_run_id: str) -> PerUserTable:
         results = ledger.client_results(run.id, rounds[-1].number) if rounds else []
     rows = [
         UserRow(r.user_id or r.node_id, r.domain or "", int(r.metrics["eval-tokens"]),
-                r.metrics["base-perplexity"], r.metrics["eval-perplexity"])
+                r.metrics["base-perplexity"], r.metrics["eval-perplexity"], _shared_if_different(r.metrics))
         for r in results if r.phase == "evaluate" and r.status == "ok"
     ]
     return PerUserTable(run, sorted(rows, key=lambda row: (row.domain, row.user_id)))

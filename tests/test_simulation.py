@@ -98,3 +98,16 @@ def test_the_main_job_fails_when_every_client_failed(tiny_base, tmp_path, capsys
     with Ledger(f"sqlite:///{tmp_path / 'work' / 'ledger.db'}", read_only=True) as ledger:
         (run,) = ledger.runs()
         assert {result.status for result in ledger.client_results(run.id)} == {"failed"}
+
+
+def test_the_per_user_table_shows_the_personal_model_beside_the_base_and_the_shared_adapter():
+    from simulations.report import PerUserTable, UserRow
+
+    personal = PerUserTable(None, [UserRow("play/A", "comedies", 100, 120.0, 90.0, 100.0),
+                                   UserRow("play/B", "comedies", 80, 110.0, 99.0, 99.5)])
+    text = personal.to_markdown()
+    assert "| user | domain | tokens | base | shared adapter | personal model | change |" in text
+    assert "| play/A | comedies | 100 | 120.0 | 100.0 | 90.0 | -25.0% |" in text
+    shared_only = PerUserTable(None, [UserRow("play/A", "comedies", 100, 120.0, 90.0)])
+    assert "| play/A | comedies | 100 | 120.0 | 90.0 | -25.0% |" in shared_only.to_markdown()
+    assert "federated adapter" in shared_only.to_markdown() and "shared adapter" not in shared_only.to_markdown()
