@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from compressor.distill import distillation_loss, relative_hidden_error
-from compressor.heal import healing_attention, loop_stats, optimizer_step, scheduled_learning_rate
+from compressor.heal import bfloat16_autocast, healing_attention, loop_stats, optimizer_step, scheduled_learning_rate
 from compressor.layers import decoder_layers, select_layers
 from compressor.progress import Progress
 from compressor.recipe import EmulatorSection, Recipe
@@ -153,6 +153,7 @@ def distill_middle(student: PreTrainedModel, teacher: PreTrainedModel, train_blo
     distilling = settings.kd_alpha > 0
     cached = None if distilling else ExitStates(teacher, middle.teacher_exit, train_blocks)
     progress = progress or Progress(False)
+    autocast = bfloat16_autocast(settings.autocast)
     task = progress.task("distilling the middle", settings.steps)
     losses: list[float] = []
     teacher_seconds, stopped_by = 0.0, "steps"
@@ -174,7 +175,7 @@ def distill_middle(student: PreTrainedModel, teacher: PreTrainedModel, train_blo
             else:
                 target = cached.get(index)
             teacher_seconds += time.perf_counter() - teacher_start
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.autocast):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 hidden, logits = exit_state(student, middle.stop - 1, batch, with_logits=distilling)
             loss = relative_hidden_error(hidden, target)
             if distilling:  # alpha 1: the soft term alone, T^2 x KL
@@ -185,5 +186,6 @@ def distill_middle(student: PreTrainedModel, teacher: PreTrainedModel, train_blo
             progress.advance(task, info=f"loss {sum(losses[-10:]) / len(losses[-10:]):.4f}")
     student.requires_grad_(False)
     student.eval()
-    return loop_stats(recipe, losses, time.perf_counter() - start, budget, teacher_seconds, stopped_by,
-                      kd_steps=len(losses) if distilling else 0, seq_len=train_blocks.shape[1])
+    stats = loop_stats(recipe, losses, time.perf_counter() - start, budget, teacher_seconds, stopped_by,
+                       kd_steps=len(losses) if distilling else 0, seq_len=train_blocks.shape[1])
+    return {**stats, "bf16_autocast": autocast}

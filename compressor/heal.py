@@ -118,6 +118,7 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
     distilling = settings.kd_alpha > 0 and teacher is not None
     matching = settings.hidden_weight > 0 and teacher is not None
     progress = progress or Progress(False)
+    autocast = bfloat16_autocast(settings.autocast)
     task = progress.task("healing", settings.steps)
     losses: list[float] = []
     kd_steps, teacher_seconds, stopped_by = 0, 0.0, "steps"
@@ -142,7 +143,7 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
                     teacher_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=matching)
         teacher_seconds += time.perf_counter() - teacher_start
         labels = batch[:, 1:]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             if not use_teacher:
                 # Cross-entropy alone: the head and the loss in chunks, gradient in closed form (no
                 # autograd pass over the batch's float32 logits).
@@ -173,8 +174,18 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
         progress.advance(task, info=f"loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
     student.requires_grad_(False)
     student.eval()
-    return loop_stats(recipe, losses, time.perf_counter() - start, budget, teacher_seconds, stopped_by, kd_steps,
-                      train_blocks.shape[1])
+    stats = loop_stats(recipe, losses, time.perf_counter() - start, budget, teacher_seconds, stopped_by, kd_steps,
+                       train_blocks.shape[1])
+    return {**stats, "bf16_autocast": autocast}
+
+
+def bfloat16_autocast(wanted: bool) -> bool:
+    """Whether to run the student under bf16 autocast: when the recipe asks and the CPU multiplies bf16 natively.
+
+    Without AVX-512 BF16 or AMX, torch emulates bf16 matrix products at a small fraction of float32's
+    speed, and a time-budgeted healing would end after a handful of steps.
+    """
+    return wanted and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def optimizer_step(loss: torch.Tensor, parameters: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,
