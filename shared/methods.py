@@ -32,6 +32,7 @@ References: FedAvg (McMahan et al., 2017); FedSA-LoRA (Guo et al., ICLR 2025); F
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import Enum
 
@@ -158,6 +159,20 @@ def method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}") from None
+
+
+def without_retrieval(method_: Method) -> Method | None:
+    """The method that trains and shares exactly as a retrieval method does, without its cache (``fedavg-knn`` -> ``fedavg``).
+
+    A retrieval method's evaluate reply scores its user's model with and without the cache, so one run
+    gives both rows of a comparison, paired on the same adapters.
+    """
+    if not method_.retrieval:
+        return None
+    for other in METHODS.values():
+        if not other.retrieval and dataclasses.replace(other, name=method_.name, retrieval=True) == method_:
+            return other
+    return None
 
 
 def group_of(method_: Method, domain: str | None) -> str:

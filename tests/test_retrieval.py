@@ -12,6 +12,7 @@ from client import app as client_app
 from client import use as client_use
 from client.personal import CACHE, StalePersonalAdapter, user_folder
 from shared import retrieval
+from shared.methods import method, without_retrieval
 from shared.retrieval import (CacheSetting, Datastore, build_datastore, choose_setting, collect, evaluate_with_cache,
                               knn_log_probs, mix, nearest)
 from shared.training import TokenBlocks, evaluate, tokenize_blocks
@@ -131,3 +132,15 @@ def test_a_retrieval_method_keeps_its_cache_on_the_device_and_reports_its_settin
     assert "kNN cache" in capsys.readouterr().out
     with pytest.raises(StalePersonalAdapter, match="kNN cache"):
         client_use.load_cache(folder, "another-hash")
+
+
+def test_a_retrieval_run_scores_its_method_without_the_cache_exactly_as_that_method(device, tmp_path):  # noqa: F811
+    assert without_retrieval(method("fedavg-knn")) is method("fedavg")
+    assert without_retrieval(method("dual-knn")) is method("dual") and without_retrieval(method("dual")) is None
+    scores = {}
+    for name in ("fedavg", "fedavg-knn", "dual", "dual-knn"):
+        config = run_config(device, name, **{"state-dir": str(tmp_path / name)})
+        send(client_app.train, config, device, global_arrays(config))
+        metrics = send(client_app.evaluate_adapter, config, device, global_arrays(config)).content["metrics"]
+        scores[name] = metrics["model-perplexity" if name.endswith("-knn") else "eval-perplexity"]
+    assert scores["fedavg-knn"] == scores["fedavg"] and scores["dual-knn"] == scores["dual"]
