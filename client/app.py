@@ -25,7 +25,7 @@ from shared.config import FederationConfig
 from shared.data import UserData
 from shared.memory import peak_rss_bytes
 from shared.methods import PERSONAL, SHARED, Aggregation, Method, method
-from shared.retrieval import CacheSetting, build_datastore, choose_setting, evaluate_with_cache
+from shared.retrieval import CacheSetting, Datastore, build_datastore, choose_setting, collect, evaluate_with_cache
 from shared.training import TokenBlocks, evaluate, hold_out, proximal_penalty, train_adapter
 
 app = ClientApp()
@@ -124,7 +124,7 @@ def score_with_cache(job: Job) -> tuple[dict[str, float], dict[str, float]]:
     """The user's model mixed with a kNN cache of their training speeches (``retrieval`` methods).
 
     The setting is chosen on the blocks personal training also holds out (a fifth when it holds out
-    none), then the cache is rebuilt from every training block, scored on the held-out test blocks
+    none), then the cache holds every training block; it is scored on the held-out test blocks
     and saved on the device for ``python -m client.use``. Returns (scores, the setting as metrics).
     """
     job.session.use(job.method.user_adapters, trainable=[])
@@ -132,10 +132,11 @@ def score_with_cache(job: Job) -> tuple[dict[str, float], dict[str, float]]:
     fit, validation = hold_out(job.train_blocks, job.config.validation_fraction or CACHE_VALIDATION_FRACTION,
                                seed=job.config.seed)
     if validation is None:  # too few blocks to hold any out: no fair choice, so no cache
-        setting, validation_loss = CacheSetting(0.0, 1.0, 1), float("nan")
-    else:
-        setting, validation_loss = choose_setting(model, fit, validation, batch)
-    store = build_datastore(model, job.train_blocks, batch)
+        store, setting, validation_loss = build_datastore(model, fit, batch), CacheSetting(0.0, 1.0, 1), float("nan")
+    else:  # one pass over the training blocks: the fit part chooses the setting, then all of it is the cache
+        fit_positions, validation_positions = collect(model, fit, batch), collect(model, validation, batch)
+        setting, validation_loss = choose_setting(fit_positions, validation_positions)
+        store = Datastore.of(fit_positions, validation_positions)
     store.save(job.folder / CACHE, setting, base_hash=job.session.base_hash, **_tags(job))
     scores = evaluate_with_cache(model, store, job.test_blocks, setting, batch)
     return scores, {"cache-weight": setting.weight, "cache-temperature": setting.temperature,

@@ -60,6 +60,11 @@ class Datastore:
     def __len__(self) -> int:
         return self.values.shape[0]
 
+    @classmethod
+    def of(cls, *parts: "Positions") -> "Datastore":
+        """The cache of these positions: their hidden states as keys, their targets as values."""
+        return cls(torch.cat([p.hidden for p in parts]), torch.cat([p.targets for p in parts]))
+
     def save(self, folder: Path, setting: CacheSetting, **tags: object) -> Path:
         """Keys in float16 and the setting, atomically: a crash mid-save never leaves a half folder."""
         partial = folder.with_name(f".{folder.name}.partial")
@@ -125,8 +130,7 @@ def collect(model: torch.nn.Module, blocks: TokenBlocks, batch_size: int = 8) ->
 
 def build_datastore(model: torch.nn.Module, blocks: TokenBlocks, batch_size: int = 8) -> Datastore:
     """The cache of these blocks under this model: one key per predicted position."""
-    positions = collect(model, blocks, batch_size)
-    return Datastore(positions.hidden, positions.targets)
+    return Datastore.of(collect(model, blocks, batch_size))
 
 
 def nearest(queries: torch.Tensor, store: Datastore, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,18 +161,15 @@ def mix(model_log_probs: torch.Tensor, cache_log_probs: torch.Tensor, weight: fl
     return torch.logaddexp(model_log_probs + math.log1p(-weight), cache_log_probs + math.log(weight))
 
 
-def choose_setting(model: torch.nn.Module, fit: TokenBlocks, validation: TokenBlocks,
-                   batch_size: int = 8) -> tuple[CacheSetting, float]:
+def choose_setting(fit: Positions, validation: Positions) -> tuple[CacheSetting, float]:
     """The grid's setting with the lowest mean loss on ``validation`` under a datastore of ``fit``; and that loss."""
-    store = build_datastore(model, fit, batch_size)
-    queries = collect(model, validation, batch_size)
-    distances, values = nearest(queries.hidden, store, max(NEIGHBOURS))
+    distances, values = nearest(validation.hidden, Datastore.of(fit), max(NEIGHBOURS))
     scale = float(distances[:, 0].median().clamp_min(1e-6))
-    best, best_loss = CacheSetting(0.0, scale, min(NEIGHBOURS)), float(-queries.model_log_probs.mean())
+    best, best_loss = CacheSetting(0.0, scale, min(NEIGHBOURS)), float(-validation.model_log_probs.mean())
     for k, multiple in product(NEIGHBOURS, TEMPERATURE_SCALES):
-        cache = knn_log_probs(distances[:, :k], values[:, :k], queries.targets, scale * multiple)
+        cache = knn_log_probs(distances[:, :k], values[:, :k], validation.targets, scale * multiple)
         for weight in WEIGHTS[1:]:
-            loss = float(-mix(queries.model_log_probs, cache, weight).mean())
+            loss = float(-mix(validation.model_log_probs, cache, weight).mean())
             if loss < best_loss:
                 best, best_loss = CacheSetting(weight, scale * multiple, k), loss
     return best, best_loss

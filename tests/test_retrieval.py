@@ -84,7 +84,7 @@ def test_a_cache_of_repeated_text_is_chosen_and_lowers_the_loss(tiny):
     model, tokenizer = tiny  # an untrained model: the cache is all it knows about this verse
     fit = tokenize_blocks(tokenizer, SAMPLE_TEXT[:30], 16)
     validation = tokenize_blocks(tokenizer, SAMPLE_TEXT[30:40], 16)  # the same ten lines again
-    setting, loss = choose_setting(model, fit, validation, batch_size=8)
+    setting, loss = choose_setting(collect(model, fit), collect(model, validation))
     alone = evaluate(model, validation, batch_size=8)["loss"]
     assert setting.weight > 0 and loss < 0.5 * alone
     scored = evaluate_with_cache(model, build_datastore(model, fit), validation, setting, batch_size=8)
@@ -97,7 +97,7 @@ def test_on_unrelated_text_the_grid_keeps_weight_zero(tiny):
     validation = tokenize_blocks(tokenizer, SAMPLE_TEXT[:10], 16)
     unseen = sorted(set(range(len(tokenizer))) - set(validation.input_ids.flatten().tolist()))
     fit = TokenBlocks.unpadded(torch.tensor(unseen[:64]).view(4, 16))  # no validation target is in the cache
-    setting, loss = choose_setting(model, fit, validation)
+    setting, loss = choose_setting(collect(model, fit), collect(model, validation))
     assert setting.weight == 0.0
     assert loss == pytest.approx(evaluate(model, validation)["loss"], rel=1e-5)
 
