@@ -9,6 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from server.aggregation import EVALUATE_METRICS
 from server.ledger import Ledger
 from server.strategy import FederatedAdapters, NodeWaitTimeout, wait_for_nodes
 from shared.methods import METHODS, Aggregation
@@ -176,6 +177,24 @@ def test_the_optional_personal_best_step_metric_is_accepted_and_recorded(ledger)
     np.testing.assert_allclose(aggregated["layer.lora_A.weight"].numpy(), 2.0)
     rows = {r.node_id: r for r in ledger.client_results(run_id)}
     assert rows["12"].status == "ok" and rows["12"].metrics["personal-best-step"] == 4.0
+
+
+def test_a_retrieval_methods_evaluation_metrics_are_accepted_and_recorded(ledger):
+    strategy, run_id = strategy_for(ledger, nodes=(11, 12))
+    strategy.evaluate_rounds = {1, 2}
+    one_round(strategy, [11, 12], {11: (1.0, 10, "a"), 12: (1.0, 10, "a")})
+    sent = list(strategy.configure_evaluate(1, arrays(0.0), ConfigRecord(), FakeGrid([11, 12])))
+    scores = {key: 1.0 for key in EVALUATE_METRICS}
+    extra = {"shared-perplexity": 90.0, "model-perplexity": 90.0, "model-loss": 4.5, "cache-weight": 0.2,
+             "cache-temperature": 30.0, "cache-neighbours": 128.0, "cache-validation-loss": 4.4, "cache-keys": 2000.0}
+    strategy.aggregate_evaluate(1, [reply_to(m, RecordDict({"metrics": MetricRecord({**scores, **extra})})) for m in sent])
+    rows = [r for r in ledger.client_results(run_id) if r.phase == "evaluate"]
+    assert len(rows) == 2 and all(r.status == "ok" and r.metrics["cache-weight"] == 0.2 for r in rows)
+    unknown = {**scores, "cache-secret": 1.0}  # anything else is still refused
+    one_round(strategy, [11, 12], {11: (1.0, 10, "a"), 12: (1.0, 10, "a")}, server_round=2)
+    sent = list(strategy.configure_evaluate(2, arrays(0.0), ConfigRecord(), FakeGrid([11, 12])))
+    strategy.aggregate_evaluate(2, [reply_to(m, RecordDict({"metrics": MetricRecord(unknown)})) for m in sent])
+    assert [r.status for r in ledger.client_results(run_id, 2) if r.phase == "evaluate"] == ["rejected"] * 2
 
 
 def test_failed_and_missing_clients_are_recorded_against_their_nodes(ledger):
