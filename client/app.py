@@ -189,6 +189,8 @@ def train(msg: Message, context: Context) -> Message:
         personal = train_personal(job, steps)
         if job.method.personal_steps_from_local:
             stats = {"train-loss": personal["train-loss"], "train-steps": personal["train-steps"]}
+        else:  # the personal adapter's steps beside the shared one's, so a comparison counts both
+            stats["personal-steps"] = personal["train-steps"]
         stats.update(best_step_metric(personal))
     after = score_user_model(job)
     save_private_state(job)
@@ -217,7 +219,8 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
     tuning: dict[str, float] = {}
     if job.method.tunes_at_evaluation:  # fedavg-ft: the user tunes a copy of the global adapter
         copy_adapter(job.session.model, SHARED, PERSONAL)
-        tuning = best_step_metric(train_personal(job, job.config.personal_steps))
+        tuned = train_personal(job, job.config.personal_steps)
+        tuning = {"personal-steps": tuned["train-steps"], **best_step_metric(tuned)}
         save_private_state(job)
     adapted = score_user_model(job)
     # beside the user's model, the shared adapter alone, so a table can show what personalization added

@@ -25,6 +25,7 @@ from shared.base_model import BaseModelError, load_model, load_tokenizer, weight
 from shared.config import ConfigError, FederationConfig, fedgraft_home
 from shared.methods import PERSONAL, SHARED
 from shared.data import DataError, UserData, load_hf_user, load_jsonl_user, select_users, shakespeare_users
+from shared.data.users import split_texts, user_seed
 from shared.training import TokenBlocks, tokenize_blocks
 
 
@@ -154,12 +155,30 @@ def _hub_user(node_config: Mapping[str, Any], config: FederationConfig) -> UserD
 _blocks_cache: dict[tuple[str, int, int], tuple[TokenBlocks, TokenBlocks]] = {}
 
 
+def scored_texts(user: UserData, config: FederationConfig) -> tuple[list[str], list[str]]:
+    """(texts to train on, texts to score on) under ``score-split``.
+
+    ``validation`` splits the user's training texts again (same mode and fraction as ``split``, a seed of
+    its own) so that hyper-parameters are chosen without the test texts ever being read.
+    """
+    if config.score_split == "test":
+        return user.train, user.test
+    if len(user.train) < 2:
+        raise DataError(f"user {user.user_id!r} has {len(user.train)} training text(s); score-split='validation' "
+                        "needs at least 2 to set some aside")
+    return split_texts(user.train, config.test_fraction, config.split, user_seed(config.seed + 1, user.user_id))
+
+
 def user_blocks(user: UserData, tokenizer: PreTrainedTokenizerBase, config: FederationConfig) -> tuple[TokenBlocks, TokenBlocks]:
-    """(training blocks, held-out blocks) of a user, the held-out ones capped at max-eval-blocks."""
+    """(training blocks, held-out blocks) of a user, the held-out ones capped at max-eval-blocks.
+
+    Held out means the test texts, or with ``score-split = "validation"`` part of the training texts.
+    """
     key = (user.user_id, id(tokenizer), hash(config))
     if key not in _blocks_cache:
-        train = tokenize_blocks(tokenizer, user.train, config.seq_len)
-        test = tokenize_blocks(tokenizer, user.test, config.seq_len)
+        train_texts, scored = scored_texts(user, config)
+        train = tokenize_blocks(tokenizer, train_texts, config.seq_len)
+        test = tokenize_blocks(tokenizer, scored, config.seq_len)
         if len(test) > config.max_eval_blocks:
             test = test.select(list(range(config.max_eval_blocks)))
         _blocks_cache[key] = (train, test)

@@ -27,9 +27,10 @@ TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-steps", "eval-lo
 EVALUATE_METRICS = frozenset({"num-examples", "base-loss", "base-perplexity", "base-accuracy", "eval-loss",
                               "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds"})
 # Sent only when personal training keeps its best validation checkpoint (run-config validation-fraction);
+# the personal adapter's steps, where it trains beside the shared one or at evaluation;
 # the shared adapter alone beside the user's model; by retrieval methods, the user's model without its
 # cache and the cache's setting.
-OPTIONAL_METRICS = frozenset({"personal-best-step", "shared-perplexity", "model-loss", "model-perplexity", "cache-weight",
+OPTIONAL_METRICS = frozenset({"personal-best-step", "personal-steps", "shared-perplexity", "model-loss", "model-perplexity", "cache-weight",
                               "cache-temperature", "cache-neighbours", "cache-validation-loss", "cache-keys"})
 MAX_EXAMPLES = 10**9  # a client claiming more is lying about its weight in the average
 OPTIMIZER_PREFIX = "optimizer:"

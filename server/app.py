@@ -67,8 +67,8 @@ def main(grid: Grid, context: Context) -> None:
         fraction_train=config.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=config.min_train_nodes,
-        min_evaluate_nodes=config.min_train_nodes,
-        min_available_nodes=config.min_train_nodes,
+        min_evaluate_nodes=config.available_nodes,
+        min_available_nodes=config.available_nodes,
     )
     done = ledger.resume_run(run_id, context.run_id) if config.resume_run else 0
     strategy.restore(done)

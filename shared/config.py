@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "aggregation": AGGREGATIONS,
     "base_dtype": ("float32", "bfloat16", "float16"),
     "split": ("random", "temporal"),
+    "score_split": ("test", "validation"),
 }
 
 
@@ -43,6 +44,7 @@ class FederationConfig:
     num_server_rounds: int = 3
     fraction_train: float = 1.0
     min_train_nodes: int = 2
+    min_available_nodes: int = 0  # nodes to wait for before sampling; 0: min-train-nodes
     node_wait_seconds: float = 180.0
     round_timeout: float = 900.0
     # base model
@@ -78,6 +80,7 @@ class FederationConfig:
     exclude_plays: str = ""
     split: str = "random"
     test_fraction: float = 0.2
+    score_split: str = "test"
     seed: int = 0
     # server safety and bookkeeping
     max_update_mb: float = 64.0
@@ -120,12 +123,20 @@ class FederationConfig:
         for name in ("personal_steps", "ditto_lambda", "proximal_mu", "server_learning_rate", "personal_learning_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_key(name)} must be >= 0, got {getattr(self, name)!r}")
+        if self.min_available_nodes and self.min_available_nodes < self.min_train_nodes:
+            raise ConfigError(f"min-available-nodes ({self.min_available_nodes}) must be 0 or at least min-train-nodes "
+                              f"({self.min_train_nodes}): a round cannot sample more nodes than it waits for")
         if self.resume_run < 0:
             raise ConfigError(f"resume-run must be a ledger run id (> 0) or 0 for a new run, got {self.resume_run}")
         if self.evaluate_every < 0:
             raise ConfigError(f"evaluate-every must be >= 0 (0: only after the last round), got {self.evaluate_every}")
         if not self.target_modules:
             raise ConfigError("lora-target-modules must name at least one module, e.g. 'q_proj,v_proj'")
+
+    @property
+    def available_nodes(self) -> int:
+        """Nodes a round waits for before sampling (``min-available-nodes``, or ``min-train-nodes`` when 0)."""
+        return self.min_available_nodes or self.min_train_nodes
 
     @property
     def personal_lr(self) -> float:

@@ -69,3 +69,11 @@ def test_device_state_defaults_to_fedgraft_home(monkeypatch, tmp_path):
     assert state_folder({}, FederationConfig(), user) == tmp_path / "devices" / "macbeth__MACBETH"
     mine = {"state-dir": str(tmp_path / "mine")}
     assert state_folder(mine, FederationConfig(), user) == tmp_path / "mine" / "macbeth__MACBETH"
+
+
+def test_min_available_nodes_waits_for_more_nodes_than_a_round_trains():
+    config = FederationConfig.from_run_config({"min-train-nodes": 3, "min-available-nodes": 30, "fraction-train": 0.34})
+    assert (config.min_train_nodes, config.available_nodes) == (3, 30)
+    assert FederationConfig.from_run_config({"min-train-nodes": 5}).available_nodes == 5  # 0: min-train-nodes
+    with pytest.raises(ConfigError, match="min-available-nodes \\(2\\) must be 0 or at least min-train-nodes \\(5\\)"):
+        FederationConfig.from_run_config({"min-train-nodes": 5, "min-available-nodes": 2})
