@@ -19,10 +19,14 @@ pytestmark = pytest.mark.simulation
 def test_experiment_files_are_valid_and_errors_name_the_problem(tmp_path):
     full = Experiment.load(EXPERIMENTS / "personalization.toml")
     assert {"local", "fedavg-knn"} <= set(full.methods) and len(full.seeds) >= 2 and full.users >= 30
-    assert (full.seeds, full.splits, full.budgets) == ([0, 1], ["random", "temporal"], [3, 8])
+    assert (full.seeds, full.splits, full.budgets) == ([0, 1], ["random", "temporal"], [3, 6])
     assert full.tune is not None and (full.tune.users, full.tune.rounds) == (10, 3)
-    assert full.tune.points("ditto") == [{"personal-learning-rate": lr, "ditto-lambda": lam}
-                                         for lr in (0.002, 0.006) for lam in (0.1, 1.0)]
+    assert full.tune.points("fedavg-knn") == [{"learning-rate": 0.002}, {"learning-rate": 0.006}]
+    product = tmp_path / "product.toml"  # a grid over two keys is their cartesian product
+    product.write_text('users = 2\nrounds = 1\nmethods = ["local", "fedavg", "ditto"]\n[tune]\nusers = 2\nrounds = 1\n'
+                       '[tune.grid.ditto]\npersonal-learning-rate = [0.002, 0.006]\nditto-lambda = [0.1, 1.0]\n')
+    assert Experiment.load(product).tune.points("ditto") == [{"personal-learning-rate": lr, "ditto-lambda": lam}
+                                                             for lr in (0.002, 0.006) for lam in (0.1, 1.0)]
     for path in EXPERIMENTS.glob("*.toml"):  # every shipped experiment loads, and keeps the two bars
         methods = set(Experiment.load(path).methods)  # fedavg itself, or a retrieval run that scores it too
         assert "local" in methods and ("fedavg" in methods or "fedavg-knn" in methods), path
