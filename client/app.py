@@ -17,6 +17,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.attacks import attack_mod
 from client.personal import CACHE, copy_adapter, load_personal, save_personal
 from client.runtime import (AdapterSession, adapter_session, device_config, require_base, state_folder, user_blocks,
                             user_for_node)
@@ -28,7 +29,7 @@ from shared.methods import PERSONAL, SHARED, Aggregation, Method, method
 from shared.retrieval import CacheSetting, Datastore, build_datastore, choose_setting, collect, evaluate_with_cache
 from shared.training import TokenBlocks, evaluate, hold_out, proximal_penalty, train_adapter
 
-app = ClientApp()
+app = ClientApp(mods=[attack_mod])  # attack_mod does nothing unless run config sets attack
 
 CACHE_VALIDATION_FRACTION = 0.2  # blocks held out to choose the cache's setting, when personal training holds out none
 

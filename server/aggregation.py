@@ -1,10 +1,15 @@
-"""Aggregation groups, their rules and the rules' state: small helpers the strategy composes.
+"""Aggregation groups, their rules and the rules' state, and the poisoning defence: small helpers the strategy composes.
 
 Aggregation is Flower's: FedAvg (McMahan et al., 2017, https://arxiv.org/abs/1602.05629), FedProx,
-FedAdam or FedYogi (Reddi et al., 2021), one instance per aggregation group, used only for its
+FedAdam or FedYogi (Reddi et al., 2021), or one of its Byzantine-robust rules (FedMedian,
+FedTrimmedAvg, Krum, MultiKrum, Bulyan), one instance per aggregation group, used only for its
 aggregation step. A group is the global adapter or, for per-domain methods, one domain's adapter
 (``shared.methods.group_of``). Like Flower's ``strategy_utils``, nothing here talks to the grid or
 the ledger: the strategy hands in replies and stores what ``checkpoints`` returns.
+
+The defence before the rule (docs/trust.md): each update's L2 norm of change from what its client
+received (``update_norm``), a bound on it (``NormBound``) that rejects or clips (``clip_update``),
+and the weight a client's claimed example count buys (``shared.methods.ExampleWeights``).
 
 Ledger checkpoints are keyed by a "domain" string: "" for the global adapter, the domain's name for
 its adapter, and ``optimizer:<group>`` for a server optimizer's moments.
@@ -13,11 +18,13 @@ its adapter, and ``optimizer:<group>`` for a server optimizer's moments.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum,
+                                     MultiKrum, Strategy)
 
 from shared.adapters import AdapterUpdateError
 from shared.methods import GLOBAL_GROUP, Aggregation
@@ -49,26 +56,122 @@ def check_metrics(metrics: Mapping[str, float], expected: frozenset[str]) -> Non
         raise AdapterUpdateError(f"num-examples {metrics['num-examples']} is out of range")
 
 
-def make_rule(aggregation: Aggregation, server_learning_rate: float = 0.01, proximal_mu: float = 0.01) -> Strategy:
-    """A Flower strategy used only for its aggregation step (sampling is done by the caller)."""
+# --- the defence before the rule ------------------------------------------------------------------
+
+
+def update_norm(received: Mapping[str, np.ndarray], returned: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``returned - received`` over all of ``returned``'s tensors, in float64.
+
+    inf when the squares overflow float64 (finite float64 values near 1e308): such an update is over
+    any bound.
+    """
+    total = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for key, value in returned.items():
+            delta = np.asarray(value, np.float64) - np.asarray(received[key], np.float64)
+            total += float(np.vdot(delta, delta))
+    return math.sqrt(total) if math.isfinite(total) else math.inf
+
+
+def clip_update(received: Mapping[str, np.ndarray], returned: Mapping[str, np.ndarray], bound: float,
+                norm: float) -> dict[str, np.ndarray]:
+    """``returned`` with its change from ``received`` scaled down to norm ``bound`` (``norm``: its norm now).
+
+    Each tensor keeps its dtype. An update whose norm is not finite cannot be scaled: refuse it first.
+    """
+    if not math.isfinite(norm):
+        raise ValueError("an update of infinite norm cannot be clipped")
+    scale = min(1.0, bound / norm) if norm > 0 else 1.0
+    return {key: (np.asarray(received[key], np.float64)
+                  + scale * (np.asarray(value, np.float64) - np.asarray(received[key], np.float64))).astype(value.dtype)
+            for key, value in returned.items()}
+
+
+@dataclass(frozen=True)
+class NormBound:
+    """Run config's bound on an update's norm (``max-update-norm``, ``norm-bound-relative``, ``norm-bound-mode``).
+
+    ``absolute``: a fixed bound; ``relative``: that multiple of the round's median norm; 0 turns a part
+    off, and with both on the tighter one holds. ``clip``: scale a longer update down to the bound
+    (else reject it).
+    """
+
+    absolute: float = 0.0
+    relative: float = 0.0
+    clip: bool = False
+
+    def limit(self, norms: Sequence[float]) -> float:
+        """This round's bound, given the norms of its well-formed updates; inf when the bound is off."""
+        limits = [math.inf]
+        if self.absolute > 0:
+            limits.append(self.absolute)
+        finite = [norm for norm in norms if math.isfinite(norm)]
+        if self.relative > 0 and finite:
+            limits.append(self.relative * float(np.median(finite)))
+        return min(limits)
+
+
+# --- Flower's rules ---------------------------------------------------------------------------------
+
+
+class MultiKrumKeepingHonest(MultiKrum):
+    """Flower's MultiKrum keeping n - f of each aggregation's n replies (m = n - f, Blanchard et al.).
+
+    Flower's MultiKrum keeps a fixed number; a group's replies per round vary, so run config
+    ``krum-keep = 0`` sets the number from the replies actually received.
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.num_nodes_to_select = max(1, len(replies) - self.num_malicious_nodes)
+        return super().aggregate_train(server_round, replies)
+
+
+def make_rule(aggregation: Aggregation, server_learning_rate: float = 0.01, proximal_mu: float = 0.01,
+              trim_beta: float = 0.2, byzantine_clients: int = 0, krum_keep: int = 0) -> Strategy:
+    """A Flower strategy used only for its aggregation step (sampling is done by the caller).
+
+    ``trim_beta``: FedTrimmedAvg's cut from each tail; ``byzantine_clients``: the f that Krum,
+    MultiKrum and Bulyan tolerate; ``krum_keep``: the replies MultiKrum averages (0: n - f).
+    """
     common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 0, "min_available_nodes": 0}
-    if aggregation is Aggregation.FEDPROX:  # the proximal term itself is applied by the clients
-        return FedProx(proximal_mu=proximal_mu, **common)
-    if aggregation is Aggregation.FEDADAM:
-        return FedAdam(eta=server_learning_rate, **common)
-    if aggregation is Aggregation.FEDYOGI:
-        return FedYogi(eta=server_learning_rate, **common)
-    return FedAvg(**common)
+    f = {"num_malicious_nodes": byzantine_clients}
+    builders: dict[Aggregation, Callable[[], Strategy]] = {
+        Aggregation.FEDAVG: lambda: FedAvg(**common),
+        Aggregation.FEDPROX: lambda: FedProx(proximal_mu=proximal_mu, **common),  # the clients add the proximal term
+        Aggregation.FEDADAM: lambda: FedAdam(eta=server_learning_rate, **common),
+        Aggregation.FEDYOGI: lambda: FedYogi(eta=server_learning_rate, **common),
+        Aggregation.FEDMEDIAN: lambda: FedMedian(**common),
+        Aggregation.FEDTRIMMEDAVG: lambda: FedTrimmedAvg(beta=trim_beta, **common),
+        Aggregation.KRUM: lambda: Krum(**f, **common),
+        Aggregation.MULTIKRUM: lambda: (MultiKrum(num_nodes_to_select=krum_keep, **f, **common) if krum_keep
+                                        else MultiKrumKeepingHonest(**f, **common)),
+        Aggregation.BULYAN: lambda: Bulyan(**f, **common),
+    }
+    return builders[Aggregation(aggregation)]()  # a value string too: never a silent fallback
 
 
-def aggregate_group(rule: Strategy, server_round: int, current: ArrayRecord, replies: list[Message]) -> ArrayRecord:
-    """One group's new adapter: the rule's aggregate of its replies, starting from ``current``."""
+def copy_for_rule(reply: Message) -> Message:
+    """A reply whose array and metric records are the rule's own: FedMedian and Bulyan empty the records they read.
+
+    The reply itself is aggregated again by its domain's group and its bytes counted afterwards.
+    """
+    content = RecordDict({key: ArrayRecord(dict(record.items())) for key, record in reply.content.array_records.items()}
+                         | {key: MetricRecord(dict(record.items())) for key, record in reply.content.metric_records.items()})
+    return Message(metadata=reply.metadata, content=content)
+
+
+def aggregate_group(rule: Strategy, server_round: int, current: ArrayRecord, replies: list[Message]) -> ArrayRecord | None:
+    """One group's new adapter: the rule's aggregate of its replies, starting from ``current``.
+
+    None when the rule declines (Flower's Bulyan with fewer than 4f + 3 replies).
+    """
     if isinstance(rule, (FedAdam, FedYogi)):
         # A server optimizer steps from the adapter the group's clients started from; Flower's own
         # configure_train would record it, but the caller samples and sends the messages itself.
         rule.current_arrays = {key: array.numpy() for key, array in current.items()}
-    arrays, _ = rule.aggregate_train(server_round, replies)
-    return arrays if arrays is not None else current
+    arrays, _ = rule.aggregate_train(server_round, [copy_for_rule(reply) for reply in replies])
+    return arrays
 
 
 def mix(domain: ArrayRecord, global_: ArrayRecord, weight: float) -> ArrayRecord:
@@ -120,22 +223,31 @@ class GroupAdapters:
     def rule(self, group: str) -> Strategy:
         return self.rules.setdefault(group, self.new_rule())
 
-    def aggregate(self, server_round: int, replies: list[Message], groups: list[str]) -> None:
+    def aggregate(self, server_round: int, replies: list[Message], groups: list[str]) -> list[str]:
         """One round: the global aggregate of every reply, then each domain's, mixed with the global one.
 
-        ``groups[i]`` is the group of ``replies[i]``.
+        ``groups[i]`` is the group of ``replies[i]``. Returns the groups whose rule declined to
+        aggregate (they keep their adapter).
         """
         by_group: dict[str, list[Message]] = {}
         for reply, group in zip(replies, groups, strict=True):
             by_group.setdefault(group, []).append(reply)
         previous_global = self.adapters[GLOBAL_GROUP]
-        self.adapters[GLOBAL_GROUP] = aggregate_group(self.rule(GLOBAL_GROUP), server_round, previous_global, replies)
+        declined: list[str] = []
+        new_global = aggregate_group(self.rule(GLOBAL_GROUP), server_round, previous_global, replies)
+        if new_global is None:
+            declined.append(GLOBAL_GROUP)
+        self.adapters[GLOBAL_GROUP] = previous_global if new_global is None else new_global
         for group, group_replies in sorted(by_group.items()):
             if group == GLOBAL_GROUP:
                 continue
             current = self.adapters.get(group, previous_global)  # a new domain starts where its nodes started
             aggregate = aggregate_group(self.rule(group), server_round, current, group_replies)
+            if aggregate is None:
+                declined.append(group)
+                aggregate = current
             self.adapters[group] = mix(aggregate, self.adapters[GLOBAL_GROUP], self.domain_mix)
+        return declined
 
     def checkpoints(self) -> dict[str, dict[str, np.ndarray]]:
         """Everything a resumed run needs, by ledger checkpoint key: adapters, then optimizer moments."""

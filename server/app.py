@@ -8,14 +8,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
-from server.aggregation import checkpoint_domain
+from server.aggregation import NormBound, checkpoint_domain
 from server.ledger import Ledger
 from server.strategy import FederatedAdapters, ResumedRounds
 from shared.adapters import (adapter_state, attach_adapter, base_lora_config, expected_shapes, load_arrays,
                              save_adapter, to_arrays)
 from shared.base_model import load_model, weights_hash
 from shared.config import FederationConfig, fedgraft_home
-from shared.methods import GLOBAL_GROUP, Aggregation, method
+from shared.methods import GLOBAL_GROUP, Aggregation, ExampleWeights, method
 
 app = ServerApp()
 
@@ -64,6 +64,12 @@ def main(grid: Grid, context: Context) -> None:
         domain_mix=config.domain_mix,
         server_learning_rate=config.server_learning_rate,
         proximal_mu=config.proximal_mu,
+        norm_bound=NormBound(config.max_update_norm, config.norm_bound_relative, clip=config.norm_bound_mode == "clip"),
+        example_weights=ExampleWeights(config.example_weights),
+        max_examples_per_client=config.max_examples_per_client,
+        trim_beta=config.trim_beta,
+        byzantine_clients=config.byzantine_clients,
+        krum_keep=config.krum_keep,
         fraction_train=config.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=config.min_train_nodes,

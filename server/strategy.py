@@ -6,7 +6,11 @@ server needs:
 
 - a deadline for node availability (Flower's sampler waits forever);
 - validation of every reply: hostile or corrupt updates (wrong keys or shapes, NaN, oversized,
-  missing metrics) are rejected and recorded, never averaged in;
+  missing metrics, a second reply from a node, a reply to no message sent) are rejected and recorded,
+  never averaged in;
+- a poisoning defence (docs/trust.md): each update's norm of change from what its node received is
+  recorded, and bounded (rejected or clipped); a client's claimed example count buys the weight the
+  example-weight policy allows (the ledger keeps the claim); Flower's robust rules can aggregate;
 - per-node payloads: each node receives its group's adapter, and only the tensors the method shares;
 - a ledger row for every round and client result, failures included, and a checkpoint per group.
 
@@ -16,18 +20,21 @@ the rounds of a run resumed after a crash.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from server.aggregation import (EVALUATE_METRICS, OPTIONAL_METRICS, TRAIN_METRICS, GroupAdapters, check_metrics,
-                                make_rule)
+from server.aggregation import (EVALUATE_METRICS, OPTIONAL_METRICS, TRAIN_METRICS, GroupAdapters, NormBound,
+                                check_metrics, clip_update, make_rule, update_norm)
 from server.ledger import Ledger
 from shared.adapters import AdapterUpdateError, array_nbytes, check_update
-from shared.methods import GLOBAL_GROUP, Aggregation, Method, group_of
+from shared.methods import GLOBAL_GROUP, Aggregation, ExampleWeights, Method, group_of
 
 
 class NodeWaitTimeout(TimeoutError):
@@ -43,6 +50,18 @@ def wait_for_nodes(grid: Grid, minimum: int, deadline_seconds: float, poll_secon
                                   f"{deadline_seconds:.0f} s (run-config node-wait-seconds)")
         time.sleep(poll_seconds)
     return nodes
+
+
+@dataclass
+class Screened:
+    """A well-formed reply on its way to the aggregate, with what its ledger row needs."""
+
+    reply: Message
+    node_id: int
+    who: dict[str, str | None]
+    metrics: MetricRecord  # the reply's own record: the example-weight policy rewrites its num-examples
+    norm: float = 0.0  # of the update's change from what the node received (train)
+    clipped_to: float | None = None
 
 
 class ResumedRounds(Strategy):
@@ -86,7 +105,7 @@ class FederatedAdapters(FedAvg):
     adapter_shapes : Mapping[str, tuple[int, ...]]
         Keys and shapes of the full shared adapter; replies must carry exactly the shared part.
     aggregation : Aggregation
-        Flower rule that aggregates each group: FedAvg, FedProx, FedAdam or FedYogi.
+        Flower rule that aggregates each group: FedAvg, FedProx, FedAdam, FedYogi, or a robust one.
     max_update_bytes : int
         Largest accepted update.
     node_wait_seconds : float
@@ -97,6 +116,13 @@ class FederatedAdapters(FedAvg):
         For per-domain methods, the weight of the domain aggregate against the global one (1: pure domain).
     server_learning_rate, proximal_mu : float
         Passed to FedAdam/FedYogi (eta) and FedProx.
+    norm_bound : NormBound
+        The bound on each update's norm of change from what its node received (off by default).
+    example_weights : ExampleWeights
+        ``claimed``, ``capped`` (at ``max_examples_per_client``) or ``uniform``: the weight a reply's
+        claimed ``num-examples`` buys.
+    trim_beta, byzantine_clients, krum_keep
+        Passed to FedTrimmedAvg (beta), Krum/MultiKrum/Bulyan (f) and MultiKrum (kept replies; 0: n - f).
     **fedavg_args
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
@@ -105,6 +131,8 @@ class FederatedAdapters(FedAvg):
                  max_update_bytes: int, node_wait_seconds: float, evaluate_rounds: set[int],
                  aggregation: Aggregation = Aggregation.FEDAVG,
                  domain_mix: float = 1.0, server_learning_rate: float = 0.01, proximal_mu: float = 0.01,
+                 norm_bound: NormBound = NormBound(), example_weights: ExampleWeights = ExampleWeights.CLAIMED, max_examples_per_client: int = 0,
+                 trim_beta: float = 0.2, byzantine_clients: int = 0, krum_keep: int = 0,
                  **fedavg_args) -> None:
         super().__init__(**fedavg_args)
         self.ledger, self.run_id, self.method = ledger, run_id, method
@@ -112,8 +140,12 @@ class FederatedAdapters(FedAvg):
         self.max_update_bytes = max_update_bytes
         self.node_wait_seconds = node_wait_seconds
         self.evaluate_rounds = evaluate_rounds
-        self.group_adapters = GroupAdapters(lambda: make_rule(aggregation, server_learning_rate, proximal_mu),
-                                            domain_mix)
+        self.norm_bound = norm_bound
+        self.example_weights, self.max_examples_per_client = example_weights, max_examples_per_client
+        self.group_adapters = GroupAdapters(
+            lambda: make_rule(aggregation, server_learning_rate, proximal_mu, trim_beta=trim_beta,
+                              byzantine_clients=byzantine_clients, krum_keep=krum_keep),
+            domain_mix)
         self.node_groups: dict[int, str] = {}  # learned from the domain each node declares
         self._sent: dict[str, list[Message]] = {}  # phase -> messages of the current round
 
@@ -166,7 +198,8 @@ class FederatedAdapters(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        accepted = [reply for reply in replies if self._record_reply(server_round, reply, "train")]
+        accepted = self._accept(server_round, self._bounded(server_round, self._screen(server_round, replies, "train")),
+                                "train")
         failed = len(replies) - len(accepted) + self._record_missing(server_round, replies, "train")
         metrics = self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key) if accepted else None
         if not accepted:
@@ -185,7 +218,9 @@ class FederatedAdapters(FedAvg):
                   for reply in accepted]
         for reply, group in zip(accepted, groups, strict=True):
             self.node_groups[self._node_of(reply, "train")] = group
-        self.group_adapters.aggregate(server_round, accepted, groups)
+        for group in self.group_adapters.aggregate(server_round, accepted, groups):
+            self.ledger.record_event(self.run_id, "group-not-aggregated", f"the rule declined to aggregate group "
+                                     f"{group!r} (too few replies for it); its adapter is kept", round_number=server_round)
         for domain, tensors in self.group_adapters.checkpoints().items():
             self.ledger.save_checkpoint(self.run_id, server_round, tensors, domain=domain)
 
@@ -203,50 +238,121 @@ class FederatedAdapters(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        accepted = [reply for reply in replies if self._record_reply(server_round, reply, "evaluate")]
+        accepted = self._accept(server_round, self._screen(server_round, replies, "evaluate"), "evaluate")
         self._record_missing(server_round, replies, "evaluate")
         return super().aggregate_evaluate(server_round, accepted)
 
     # --- bookkeeping ----------------------------------------------------------------------------
 
-    def _node_of(self, reply: Message, phase: str) -> int:
-        """The node a reply answers for: a dead node's error reply comes from the SuperLink itself."""
+    def _request_of(self, reply: Message, phase: str) -> Message | None:
+        """The message of this round that ``reply`` answers, if any."""
         for message in self._sent.get(phase, []):
             if message.metadata.message_id and message.metadata.message_id == reply.metadata.reply_to_message_id:
-                return message.metadata.dst_node_id
-        return reply.metadata.src_node_id
+                return message
+        return None
+
+    def _node_of(self, reply: Message, phase: str) -> int:
+        """The node a reply answers for: a dead node's error reply comes from the SuperLink itself."""
+        request = self._request_of(reply, phase)
+        return request.metadata.dst_node_id if request is not None else reply.metadata.src_node_id
 
     def _sent_bytes(self, node_id: int, phase: str) -> int:
         return sum(array_nbytes(m.content[self.arrayrecord_key]) for m in self._sent.get(phase, [])
                    if m.metadata.dst_node_id == node_id)
 
-    def _record_reply(self, server_round: int, reply: Message, phase: str) -> bool:
-        """Write one client result; True when the reply is valid and may be used."""
-        node_id = self._node_of(reply, phase)
-        if reply.has_error():
-            self.ledger.record_client_result(self.run_id, server_round, node_id=node_id, phase=phase, status="failed",
-                                             error=f"code {reply.error.code}: {reply.error.reason}")
-            self.ledger.record_event(self.run_id, "client-failed", reply.error.reason, round_number=server_round,
-                                     node_id=node_id)
-            return False
-        identity = reply.content.config_records.get("identity", ConfigRecord())
-        who = {"user_id": _text(identity, "user-id"), "domain": _text(identity, "domain")}
-        try:
-            metrics = self._checked_metrics(reply, phase)
-        except AdapterUpdateError as error:
-            self.ledger.record_client_result(self.run_id, server_round, node_id=node_id, phase=phase, status="rejected",
-                                             error=str(error), **who)
-            self.ledger.record_event(self.run_id, "update-rejected", str(error), round_number=server_round, node_id=node_id)
-            return False
-        arrays = reply.content.array_records.get(self.arrayrecord_key)
-        self.ledger.record_client_result(
-            self.run_id, server_round, node_id=node_id, phase=phase, status="ok", **who,
-            num_examples=int(metrics["num-examples"]), metrics=dict(metrics), seconds=float(metrics["seconds"]),
-            bytes_up=array_nbytes(arrays) if arrays is not None else 0, bytes_down=self._sent_bytes(node_id, phase),
-        )
-        for key in OPTIONAL_METRICS:  # in the ledger only: Flower aggregates a key only if every reply has it
-            metrics.pop(key, None)
-        return True
+    def _received(self, node_id: int) -> dict[str, np.ndarray]:
+        """The shared tensors this node was sent for training this round."""
+        request = next(m for m in self._sent["train"] if m.metadata.dst_node_id == node_id)
+        return {key: array.numpy() for key, array in request.content[self.arrayrecord_key].items()}
+
+    def _screen(self, server_round: int, replies: list[Message], phase: str) -> list[Screened]:
+        """Record failed and malformed replies; return the well-formed ones, at most one per node."""
+        screened: list[Screened] = []
+        for reply in replies:
+            node_id = self._node_of(reply, phase)
+            if reply.has_error():
+                self._record_failed(server_round, node_id, phase, f"code {reply.error.code}: {reply.error.reason}",
+                                    reply.error.reason)
+                continue
+            identity = reply.content.config_records.get("identity", ConfigRecord())
+            who = {"user_id": _text(identity, "user-id"), "domain": _text(identity, "domain")}
+            try:
+                self._check_origin(reply, node_id, phase, {item.node_id for item in screened})
+                metrics = self._checked_metrics(reply, phase)
+            except AdapterUpdateError as error:
+                self._record_rejected(server_round, node_id, phase, who, str(error))
+                continue
+            screened.append(Screened(reply, node_id, who, metrics))
+        return screened
+
+    def _check_origin(self, reply: Message, node_id: int, phase: str, seen: set[int]) -> None:
+        """A reply must answer a message of this round, and a node replies once (a replay counts once at most)."""
+        if self._request_of(reply, phase) is None:
+            raise AdapterUpdateError(f"the reply answers no {phase} message of this round")
+        if node_id in seen:
+            raise AdapterUpdateError(f"node {node_id} already replied this round; a second reply is refused")
+
+    def _bounded(self, server_round: int, screened: list[Screened]) -> list[Screened]:
+        """Measure each update's norm of change from what its node received; reject or clip those over the bound."""
+        for item in screened:
+            arrays = item.reply.content[self.arrayrecord_key]
+            item.norm = update_norm(self._received(item.node_id), {k: a.numpy() for k, a in arrays.items()})
+        limit = self.norm_bound.limit([item.norm for item in screened])
+        kept: list[Screened] = []
+        for item in screened:
+            if not math.isfinite(item.norm):  # bound or not: float64 cannot average it either
+                self._record_rejected(server_round, item.node_id, "train", item.who, "update norm overflows float64")
+            elif item.norm <= limit:
+                kept.append(item)
+            elif self.norm_bound.clip:
+                self._clip(server_round, item, limit)
+                kept.append(item)
+            else:
+                self._record_rejected(server_round, item.node_id, "train", item.who,
+                                      f"update norm {item.norm:.6g} is over the bound {limit:.6g} (run-config "
+                                      "max-update-norm, norm-bound-relative)")
+        return kept
+
+    def _clip(self, server_round: int, item: Screened, limit: float) -> None:
+        """Scale the reply's change from what its node received down to ``limit``, in place."""
+        arrays = item.reply.content[self.arrayrecord_key]
+        clipped = clip_update(self._received(item.node_id), {k: a.numpy() for k, a in arrays.items()}, limit, item.norm)
+        item.reply.content[self.arrayrecord_key] = ArrayRecord({key: Array(value) for key, value in clipped.items()})
+        item.clipped_to = limit
+        self.ledger.record_event(self.run_id, "update-clipped", f"update norm {item.norm:.6g} clipped to {limit:.6g}",
+                                 round_number=server_round, node_id=item.node_id)
+
+    def _accept(self, server_round: int, screened: list[Screened], phase: str) -> list[Message]:
+        """Write each accepted reply's ledger row (with the claimed num-examples), then set its weight by the policy."""
+        for item in screened:
+            claimed = item.metrics["num-examples"]
+            weight = self.example_weights.weight(claimed, self.max_examples_per_client)
+            recorded = dict(item.metrics) | {"example-weight": weight}
+            if phase == "train":
+                recorded["update-norm"] = item.norm
+            if item.clipped_to is not None:
+                recorded["update-clipped-to"] = item.clipped_to
+            arrays = item.reply.content.array_records.get(self.arrayrecord_key)
+            self.ledger.record_client_result(
+                self.run_id, server_round, node_id=item.node_id, phase=phase, status="ok", **item.who,
+                num_examples=int(claimed), metrics=recorded, seconds=float(item.metrics["seconds"]),
+                bytes_up=array_nbytes(arrays) if arrays is not None else 0,
+                bytes_down=self._sent_bytes(item.node_id, phase))
+            for key in OPTIONAL_METRICS:  # in the ledger only: Flower aggregates a key only if every reply has it
+                item.metrics.pop(key, None)
+            item.metrics["num-examples"] = weight
+        return [item.reply for item in screened]
+
+    def _record_failed(self, server_round: int, node_id: int, phase: str, error: str, event: str) -> None:
+        self.ledger.record_client_result(self.run_id, server_round, node_id=node_id, phase=phase, status="failed",
+                                         error=error)
+        self.ledger.record_event(self.run_id, "client-failed", event, round_number=server_round, node_id=node_id)
+
+    def _record_rejected(self, server_round: int, node_id: int, phase: str, who: Mapping[str, str | None],
+                         error: str) -> None:
+        self.ledger.record_client_result(self.run_id, server_round, node_id=node_id, phase=phase, status="rejected",
+                                         error=error, **who)
+        self.ledger.record_event(self.run_id, "update-rejected", error, round_number=server_round, node_id=node_id)
 
     def _checked_metrics(self, reply: Message, phase: str) -> MetricRecord:
         """Raise AdapterUpdateError if the reply is malformed; otherwise its metrics."""
@@ -266,10 +372,8 @@ class FederatedAdapters(FedAvg):
         answered = {self._node_of(reply, phase) for reply in replies}
         missing = [m.metadata.dst_node_id for m in self._sent.get(phase, []) if m.metadata.dst_node_id not in answered]
         for node_id in missing:
-            self.ledger.record_client_result(self.run_id, server_round, node_id=node_id, phase=phase, status="failed",
-                                             error="no reply before the round timeout")
-            self.ledger.record_event(self.run_id, "client-failed", "no reply before the round timeout",
-                                     round_number=server_round, node_id=node_id)
+            self._record_failed(server_round, node_id, phase, "no reply before the round timeout",
+                                "no reply before the round timeout")
         return len(missing)
 
 

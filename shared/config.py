@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.methods import AGGREGATIONS, METHODS
+from shared.methods import AGGREGATIONS, METHODS, Aggregation, ExampleWeights
 
+# the poisoning defence (server/aggregation.py) and the attack harness (client/attacks.py); docs/trust.md
+NORM_BOUND_MODES = ("reject", "clip")
+EXAMPLE_WEIGHTS = tuple(policy.value for policy in ExampleWeights)
+ATTACKS = ("none", "scale", "sign-flip", "gaussian", "inflate-examples")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": tuple(METHODS),
@@ -24,6 +28,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "base_dtype": ("float32", "bfloat16", "float16"),
     "split": ("random", "temporal"),
     "score_split": ("test", "validation"),
+    "norm_bound_mode": NORM_BOUND_MODES,
+    "example_weights": EXAMPLE_WEIGHTS,
+    "attack": ATTACKS,
 }
 
 
@@ -88,6 +95,20 @@ class FederationConfig:
     ledger_url: str = ""
     output_dir: str = ""
     resume_run: int = 0
+    # poisoning defence (docs/trust.md): a bound on each update's norm, the example-weight policy, and
+    # the settings of Flower's robust rules (aggregation = fedmedian, fedtrimmedavg, krum, multikrum, bulyan)
+    max_update_norm: float = 0.0
+    norm_bound_mode: str = "reject"
+    norm_bound_relative: float = 0.0
+    example_weights: str = "claimed"
+    max_examples_per_client: int = 0
+    trim_beta: float = 0.2
+    byzantine_clients: int = 0
+    krum_keep: int = 0
+    # attack harness for simulations (client/attacks.py): a seeded fraction of nodes corrupts its train replies
+    attack: str = "none"
+    attack_fraction: float = 0.3
+    attack_scale: float = 10.0
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederationConfig":
@@ -132,6 +153,46 @@ class FederationConfig:
             raise ConfigError(f"evaluate-every must be >= 0 (0: only after the last round), got {self.evaluate_every}")
         if not self.target_modules:
             raise ConfigError("lora-target-modules must name at least one module, e.g. 'q_proj,v_proj'")
+        self._validate_defence()
+        self._validate_rule_composition()
+
+    def _validate_defence(self) -> None:
+        """Ranges of the poisoning-defence and attack keys."""
+        for name in ("max_update_norm", "norm_bound_relative", "max_examples_per_client", "byzantine_clients",
+                     "krum_keep", "attack_scale"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_key(name)} must be >= 0 (0: off), got {getattr(self, name)!r}")
+        if not 0.0 <= self.trim_beta < 0.5:  # Flower's FedTrimmedAvg cuts trim-beta of each tail
+            raise ConfigError(f"trim-beta must be in [0, 0.5), got {self.trim_beta!r}")
+        if not 0.0 <= self.attack_fraction <= 1.0:
+            raise ConfigError(f"attack-fraction must be in [0, 1], got {self.attack_fraction!r}")
+        if ExampleWeights(self.example_weights) is ExampleWeights.CAPPED and self.max_examples_per_client == 0:
+            raise ConfigError("example-weights = \"capped\" needs max-examples-per-client > 0 (the cap on a client's weight)")
+
+    def _validate_rule_composition(self) -> None:
+        """Refuse a robust rule where it cannot do what it is chosen for (docs/trust.md says why)."""
+        rule = Aggregation(self.aggregation)
+        if self.byzantine_clients and not rule.selects_replies:
+            raise ConfigError(f"byzantine-clients is read only by krum, multikrum and bulyan, not {self.aggregation!r}")
+        if self.krum_keep and rule is not Aggregation.MULTIKRUM:
+            raise ConfigError(f"krum-keep is read only by multikrum, not {self.aggregation!r}")
+        if rule.selects_replies and METHODS[self.method].by_domain:
+            raise ConfigError(f"aggregation {self.aggregation!r} picks replies within each aggregation group, and "
+                              f"method {self.method!r} aggregates per domain: how many replies a domain's group gets "
+                              "depends on who is sampled, so its minimum cannot be guaranteed; use fedmedian or "
+                              "fedtrimmedavg, or a global method")
+        if rule is Aggregation.BULYAN and self.byzantine_clients == 0:
+            raise ConfigError("bulyan with byzantine-clients = 0 is the plain mean; set byzantine-clients >= 1")
+        if rule is Aggregation.FEDTRIMMEDAVG and self.trim_beta == 0:
+            raise ConfigError("fedtrimmedavg with trim-beta = 0 is the plain mean; set trim-beta in (0, 0.5)")
+        needed = rule.min_replies(self.byzantine_clients, self.trim_beta)
+        if self.min_train_nodes < needed:
+            raise ConfigError(f"aggregation {self.aggregation!r} needs at least {needed} replies a round here "
+                              f"(byzantine-clients {self.byzantine_clients}, trim-beta {self.trim_beta}); "
+                              f"min-train-nodes is {self.min_train_nodes}")
+        if self.krum_keep > self.min_train_nodes - self.byzantine_clients:
+            raise ConfigError(f"krum-keep {self.krum_keep} would keep a byzantine client in a round of min-train-nodes "
+                              f"({self.min_train_nodes}) replies; at most min-train-nodes - byzantine-clients")
 
     @property
     def available_nodes(self) -> int:

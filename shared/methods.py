@@ -137,20 +137,84 @@ METHODS: dict[str, Method] = {
 
 
 class Aggregation(Enum):
-    """The Flower rule that aggregates each group's replies (built by ``server.aggregation.make_rule``)."""
+    """The Flower rule that aggregates each group's replies (built by ``server.aggregation.make_rule``).
+
+    The last five are Flower's Byzantine-robust rules (docs/trust.md): coordinate-wise median and
+    trimmed mean (Yin et al., 2018), Krum and Multi-Krum (Blanchard et al., 2017), Bulyan (El Mhamdi
+    et al., 2018).
+    """
 
     FEDAVG = "fedavg"
     FEDPROX = "fedprox"
     FEDADAM = "fedadam"
     FEDYOGI = "fedyogi"
+    FEDMEDIAN = "fedmedian"
+    FEDTRIMMEDAVG = "fedtrimmedavg"
+    KRUM = "krum"
+    MULTIKRUM = "multikrum"
+    BULYAN = "bulyan"
 
     @property
     def clients_add_proximal_term(self) -> bool:
         """FedProx's proximal term is part of the clients' local loss; the server only averages."""
         return self is Aggregation.FEDPROX
 
+    @property
+    def robust(self) -> bool:
+        """Whether the rule bounds what a minority of replies can do to the aggregate, whatever their values."""
+        return self in (Aggregation.FEDMEDIAN, Aggregation.FEDTRIMMEDAVG, Aggregation.KRUM, Aggregation.MULTIKRUM,
+                        Aggregation.BULYAN)
+
+    @property
+    def selects_replies(self) -> bool:
+        """Whether the rule picks whole replies by their distances (Krum, Multi-Krum, Bulyan).
+
+        Such a rule needs a minimum number of replies in every group it aggregates (``min_replies``).
+        """
+        return self in (Aggregation.KRUM, Aggregation.MULTIKRUM, Aggregation.BULYAN)
+
+    @property
+    def weighs_by_examples(self) -> bool:
+        """Whether clients' ``num-examples`` weigh the aggregate (median, trimmed mean, Krum and Bulyan ignore them)."""
+        return self in (Aggregation.FEDAVG, Aggregation.FEDPROX, Aggregation.FEDADAM, Aggregation.FEDYOGI,
+                        Aggregation.MULTIKRUM)
+
+    def min_replies(self, byzantine_clients: int, trim_beta: float) -> int:
+        """The fewest replies with which the rule does what it is chosen for (1: no minimum).
+
+        Krum and Multi-Krum resist f = ``byzantine_clients`` bad replies from n >= 2f + 3 (Blanchard et
+        al.), Bulyan from n >= 4f + 3 (below it Flower's Bulyan skips the aggregation); a median differs
+        from a mean from 3 replies, and a trimmed mean (``trim_beta`` > 0) trims a reply from each tail
+        once int(trim_beta * n) >= 1.
+        """
+        if self in (Aggregation.KRUM, Aggregation.MULTIKRUM):
+            return 2 * byzantine_clients + 3
+        if self is Aggregation.BULYAN:
+            return 4 * byzantine_clients + 3
+        if self is Aggregation.FEDTRIMMEDAVG:
+            if not trim_beta > 0:
+                raise ValueError(f"a trimmed mean with beta {trim_beta} trims nothing, whatever the number of replies")
+            n = 3
+            while int(trim_beta * n) < 1:  # Flower's trim_mean cuts int(beta * n) from each end
+                n += 1
+            return n
+        return 3 if self is Aggregation.FEDMEDIAN else 1
+
 
 AGGREGATIONS = tuple(rule.value for rule in Aggregation)
+
+
+class ExampleWeights(Enum):
+    """What a client's claimed ``num-examples`` buys in a weighted aggregate (run config ``example-weights``)."""
+
+    CLAIMED = "claimed"  # the claim itself
+    CAPPED = "capped"  # at most max-examples-per-client
+    UNIFORM = "uniform"  # 1 for every client
+
+    def weight(self, claimed: float, cap: int) -> float:
+        if self is ExampleWeights.CAPPED:
+            return min(claimed, cap)
+        return 1 if self is ExampleWeights.UNIFORM else claimed
 
 
 def method(name: str) -> Method:

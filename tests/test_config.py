@@ -43,11 +43,48 @@ def test_values_are_coerced_and_read():
         ({"personal-learning-rate": -0.1}, "personal-learning-rate must be >= 0"),
         ({"activation-checkpointing": "ture"}, "'activation-checkpointing' expects bool"),
         ({"activation-checkpointing": 2}, "'activation-checkpointing' expects bool"),
+        # poisoning defence and attack harness (docs/trust.md)
+        ({"norm-bound-mode": "drop"}, "norm-bound-mode must be one of"),
+        ({"max-update-norm": -1.0}, "max-update-norm must be >= 0"),
+        ({"example-weights": "capped"}, "needs max-examples-per-client > 0"),
+        ({"trim-beta": 0.5}, "trim-beta must be in"),
+        ({"attack": "backdoor"}, "attack must be one of"),
+        ({"attack-fraction": 1.5}, "attack-fraction must be in"),
+        ({"byzantine-clients": 1}, "byzantine-clients is read only by krum, multikrum and bulyan, not 'fedavg'"),
+        ({"aggregation": "krum", "min-train-nodes": 3, "krum-keep": 1}, "krum-keep is read only by multikrum"),
+        ({"aggregation": "krum", "method": "domain", "min-train-nodes": 5}, "method 'domain' aggregates per domain"),
+        ({"aggregation": "bulyan", "method": "dual-domain", "byzantine-clients": 1, "min-train-nodes": 7},
+         "method 'dual-domain' aggregates per domain"),
+        ({"aggregation": "krum", "byzantine-clients": 1, "min-train-nodes": 4}, "'krum' needs at least 5 replies"),
+        ({"aggregation": "bulyan", "min-train-nodes": 7}, "bulyan with byzantine-clients = 0 is the plain mean"),
+        ({"aggregation": "bulyan", "byzantine-clients": 1, "min-train-nodes": 6}, "'bulyan' needs at least 7 replies"),
+        ({"aggregation": "fedmedian"}, "'fedmedian' needs at least 3 replies"),
+        ({"aggregation": "fedtrimmedavg", "min-train-nodes": 4}, "'fedtrimmedavg' needs at least 5 replies"),
+        ({"aggregation": "fedtrimmedavg", "trim-beta": 0.0, "min-train-nodes": 5}, "trim-beta = 0 is the plain mean"),
+        ({"aggregation": "multikrum", "byzantine-clients": 1, "min-train-nodes": 5, "krum-keep": 5},
+         "krum-keep 5 would keep a byzantine client"),
     ],
 )
 def test_bad_run_config_is_refused_by_name(run_config, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         FederationConfig.from_run_config(run_config)
+
+
+@pytest.mark.parametrize(
+    "run_config",
+    [
+        {"aggregation": "fedmedian", "method": "fedsa", "min-train-nodes": 3},  # every FedSA client sends a whole A
+        {"aggregation": "fedtrimmedavg", "method": "dual-domain", "min-train-nodes": 5},  # coordinate-wise, per group
+        {"aggregation": "krum", "byzantine-clients": 1, "min-train-nodes": 5},
+        {"aggregation": "multikrum", "byzantine-clients": 1, "min-train-nodes": 5, "krum-keep": 4},
+        {"aggregation": "bulyan", "byzantine-clients": 1, "min-train-nodes": 7, "method": "ditto"},
+        {"max-update-norm": 2.5, "norm-bound-mode": "clip", "norm-bound-relative": 3,
+         "example-weights": "capped", "max-examples-per-client": 400},
+        {"attack": "sign-flip", "attack-fraction": 0.5, "attack-scale": 1},
+    ],
+)
+def test_meaningful_defence_compositions_are_accepted(run_config):
+    FederationConfig.from_run_config(run_config)
 
 
 def test_personal_learning_rate_defaults_to_the_learning_rate():
