@@ -56,7 +56,7 @@ class FederationConfig:
     round_timeout: float = 900.0
     # base model
     base_model: str = "smollm2"
-    base_dtype: str = "bfloat16"
+    base_dtype: str = "float32"
     # personalization (shared/methods.py)
     method: str = "fedavg"
     aggregation: str = "fedavg"
