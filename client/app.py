@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 
 from client.attacks import attack_mod
 from client.personal import CACHE, copy_adapter, load_personal, save_personal
+from client.privacy import dp_clipping_mod
 from client.runtime import (AdapterSession, adapter_session, device_config, require_base, state_folder, user_blocks,
                             user_for_node)
 from shared.adapters import adapter_state, load_arrays, to_arrays
@@ -177,7 +178,7 @@ def _shared_arrays(job: Job) -> ArrayRecord:
     return to_arrays({key: tensor for key, tensor in state.items() if job.method.shared_key(key)})
 
 
-@app.train()
+@app.train(mods=[dp_clipping_mod])  # inside attack_mod: an attacker corrupts after clipping, and is caught
 def train(msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     job = _prepare(msg, context)

@@ -11,6 +11,10 @@ The defence before the rule (docs/trust.md): each update's L2 norm of change fro
 received (``update_norm``), a bound on it (``NormBound``) that rejects or clips (``clip_update``),
 and the weight a client's claimed example count buys (``shared.methods.ExampleWeights``).
 
+User-level differential privacy wraps the rule in one of Flower's DP wrappers (``with_privacy``):
+they clip each update's change from what its client received and add Gaussian noise to the
+aggregate; the accounting is server/privacy.py's.
+
 Ledger checkpoints are keyed by a "domain" string: "" for the global adapter, the domain's name for
 its adapter, and ``optimizer:<group>`` for a server optimizer's moments.
 """
@@ -23,11 +27,14 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum,
-                                     MultiKrum, Strategy)
+from flwr.serverapp.strategy import (Bulyan, DifferentialPrivacyClientSideFixedClipping,
+                                     DifferentialPrivacyServerSideAdaptiveClipping,
+                                     DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedMedian, FedProx,
+                                     FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
 
+from server.privacy import PrivacySettings
 from shared.adapters import AdapterUpdateError
-from shared.methods import GLOBAL_GROUP, Aggregation
+from shared.methods import GLOBAL_GROUP, Aggregation, DpMode
 
 TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-steps", "eval-loss-before", "eval-loss",
                            "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds", "peak-rss-mb"})
@@ -151,13 +158,82 @@ def make_rule(aggregation: Aggregation, server_learning_rate: float = 0.01, prox
     return builders[Aggregation(aggregation)]()  # a value string too: never a silent fallback
 
 
-def copy_for_rule(reply: Message) -> Message:
+# --- Flower's DP wrappers ---------------------------------------------------------------------------
+
+
+class _NoiseForTheReplies:
+    """Flower's DP wrappers scale the noise to ``num_sampled_clients``, fixed when they are built.
+
+    The mean they wrap is over the replies actually aggregated, which vary by round (failures,
+    rejections, the budget): with fewer, each clipped update weighs more than the noise covers. Set
+    from the replies each aggregation receives, the noise stays ``noise_multiplier x clipping_norm``
+    on the sum of clipped updates (McMahan et al., 2018).
+    """
+
+    num_sampled_clients: int
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.num_sampled_clients = max(1, len(replies))
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
+
+
+class ServerSideFixedClipping(_NoiseForTheReplies, DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed clipping, its noise scaled to the round's replies."""
+
+
+class ClientSideFixedClipping(_NoiseForTheReplies, DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed clipping (devices run ``fixedclipping_mod``), its noise scaled to the round's replies."""
+
+
+class ServerSideAdaptiveClipping(_NoiseForTheReplies, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping, with the noise at the norm the round's updates were clipped to.
+
+    Flower 1.42 moves the clipping norm towards the target quantile before it adds the noise, so a
+    round whose norm shrinks gets noise scaled to the smaller norm while its updates were clipped to
+    the larger one: less noise than the noise multiplier promises. Here the move waits until the
+    noise is added (Andrew et al., 2021, Algorithm 1: noise at C_t, then C_t+1).
+    """
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self._clipped_fraction: float | None = None
+        result = super().aggregate_train(server_round, replies)
+        if self._clipped_fraction is not None:
+            super()._geometric_update(self._clipped_fraction)
+        return result
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self._clipped_fraction = clipped_fraction  # applied once the noise is added
+
+
+def with_privacy(rule: Strategy, privacy: PrivacySettings) -> Strategy:
+    """``rule`` wrapped in the Flower DP wrapper ``privacy.mode`` names (the rule itself when dp is off)."""
+    noise, norm, replies = privacy.noise_multiplier, privacy.clipping_norm, privacy.expected_replies
+    builders: dict[DpMode, Callable[[], Strategy]] = {
+        DpMode.OFF: lambda: rule,
+        DpMode.SERVER_FIXED: lambda: ServerSideFixedClipping(rule, noise, norm, replies),
+        DpMode.CLIENT_FIXED: lambda: ClientSideFixedClipping(rule, noise, norm, replies),
+        DpMode.SERVER_ADAPTIVE: lambda: ServerSideAdaptiveClipping(
+            rule, noise, replies, initial_clipping_norm=norm, target_clipped_quantile=privacy.target_quantile,
+            clip_norm_lr=privacy.clip_norm_lr, clipped_count_stddev=privacy.clipped_count_stddev or None),
+    }
+    return builders[privacy.mode]()
+
+
+# --- one group's aggregation -------------------------------------------------------------------------
+
+
+def copy_for_rule(reply: Message, order: Iterable[str]) -> Message:
     """A reply whose array and metric records are the rule's own: FedMedian and Bulyan empty the records they read.
 
-    The reply itself is aggregated again by its domain's group and its bytes counted afterwards.
+    Its tensors come in ``order`` (the keys of what the clients were sent): Flower's server-side DP
+    wrappers pair a reply's tensors with the sent ones by position. The reply itself is aggregated
+    again by its domain's group and its bytes counted afterwards.
     """
-    content = RecordDict({key: ArrayRecord(dict(record.items())) for key, record in reply.content.array_records.items()}
-                         | {key: MetricRecord(dict(record.items())) for key, record in reply.content.metric_records.items()})
+    keys = list(order)
+    content = RecordDict({name: ArrayRecord({key: record[key] for key in keys})
+                          for name, record in reply.content.array_records.items()}
+                         | {name: MetricRecord(dict(record.items())) for name, record in reply.content.metric_records.items()})
     return Message(metadata=reply.metadata, content=content)
 
 
@@ -166,11 +242,14 @@ def aggregate_group(rule: Strategy, server_round: int, current: ArrayRecord, rep
 
     None when the rule declines (Flower's Bulyan with fewer than 4f + 3 replies).
     """
+    # Flower's own configure_train would record what the clients started from, but the caller
+    # samples and sends the messages itself: a server optimizer steps from it, and Flower's
+    # server-side DP wrappers clip each update's change from it.
     if isinstance(rule, (FedAdam, FedYogi)):
-        # A server optimizer steps from the adapter the group's clients started from; Flower's own
-        # configure_train would record it, but the caller samples and sends the messages itself.
         rule.current_arrays = {key: array.numpy() for key, array in current.items()}
-    arrays, _ = rule.aggregate_train(server_round, [copy_for_rule(reply) for reply in replies])
+    if isinstance(rule, (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping)):
+        rule.current_arrays = current
+    arrays, _ = rule.aggregate_train(server_round, [copy_for_rule(reply, current.keys()) for reply in replies])
     return arrays
 
 
@@ -221,7 +300,9 @@ class GroupAdapters:
         self.adapters: dict[str, ArrayRecord] = {}  # group -> its current adapter (the shared part)
 
     def rule(self, group: str) -> Strategy:
-        return self.rules.setdefault(group, self.new_rule())
+        if group not in self.rules:  # built once: a rule keeps state (moments, an adaptive clipping norm)
+            self.rules[group] = self.new_rule()
+        return self.rules[group]
 
     def aggregate(self, server_round: int, replies: list[Message], groups: list[str]) -> list[str]:
         """One round: the global aggregate of every reply, then each domain's, mixed with the global one.

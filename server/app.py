@@ -10,6 +10,7 @@ from peft import PeftModel
 
 from server.aggregation import NormBound, checkpoint_domain
 from server.ledger import Ledger
+from server.privacy import PrivacySettings
 from server.strategy import FederatedAdapters, ResumedRounds
 from shared.adapters import (adapter_state, attach_adapter, base_lora_config, expected_shapes, load_arrays,
                              save_adapter, to_arrays)
@@ -48,6 +49,7 @@ def open_run(ledger: Ledger, config: FederationConfig, flower_run_id: int, base_
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = FederationConfig.from_run_config(context.run_config)
+    privacy = PrivacySettings.from_config(config)  # refuses a budget no user fits in, before the run is opened
     method_ = method(config.method)
     ledger = open_ledger(config)
     base = load_model(config.base_model, config.base_dtype)
@@ -70,6 +72,7 @@ def main(grid: Grid, context: Context) -> None:
         trim_beta=config.trim_beta,
         byzantine_clients=config.byzantine_clients,
         krum_keep=config.krum_keep,
+        privacy=privacy,
         fraction_train=config.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=config.min_train_nodes,

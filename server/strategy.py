@@ -12,6 +12,10 @@ server needs:
   recorded, and bounded (rejected or clipped); a client's claimed example count buys the weight the
   example-weight policy allows (the ledger keeps the claim); Flower's robust rules can aggregate;
 - per-node payloads: each node receives its group's adapter, and only the tensors the method shares;
+- user-level differential privacy (docs/trust.md): after the checks above, one of Flower's DP wrappers
+  clips and noises the global aggregate (server/aggregation.py); each release is accounted
+  (server/privacy.py) and recorded, against the run and each user, and a user at ``dp-user-budget`` is
+  no longer sampled;
 - a ledger row for every round and client result, failures included, and a checkpoint per group.
 
 Further behaviour comes as Flower-style wrappers that take a ``strategy``: ``ResumedRounds`` numbers
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -29,12 +34,18 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from server.aggregation import (EVALUATE_METRICS, OPTIONAL_METRICS, TRAIN_METRICS, GroupAdapters, NormBound,
-                                check_metrics, clip_update, make_rule, update_norm)
-from server.ledger import Ledger
+                                check_metrics, clip_update, make_rule, update_norm, with_privacy)
+from server.ledger import Ledger, PrivacyChargeRecord, PrivacyRoundRecord
+from server.privacy import PrivacyAccount, PrivacySettings, Release
 from shared.adapters import AdapterUpdateError, array_nbytes, check_update
 from shared.methods import GLOBAL_GROUP, Aggregation, ExampleWeights, Method, group_of
+
+
+# A device's float32 arithmetic (received + clipped change) can land a hair over the clipping norm.
+DEVICE_CLIPPING_TOLERANCE = 1e-3
 
 
 class NodeWaitTimeout(TimeoutError):
@@ -50,6 +61,18 @@ def wait_for_nodes(grid: Grid, minimum: int, deadline_seconds: float, poll_secon
                                   f"{deadline_seconds:.0f} s (run-config node-wait-seconds)")
         time.sleep(poll_seconds)
     return nodes
+
+
+class WithinBudget:
+    """A grid as the sampler sees it: without ``excluded`` nodes (their users are at their privacy budget)."""
+
+    def __init__(self, grid: Grid, excluded: set[int]) -> None:
+        self.grid, self.excluded = grid, excluded
+        self.available: list[int] = []  # what the last look saw: the nodes a round samples from
+
+    def get_node_ids(self) -> list[int]:
+        self.available = [node for node in self.grid.get_node_ids() if node not in self.excluded]
+        return self.available
 
 
 @dataclass
@@ -123,6 +146,9 @@ class FederatedAdapters(FedAvg):
         claimed ``num-examples`` buys.
     trim_beta, byzantine_clients, krum_keep
         Passed to FedTrimmedAvg (beta), Krum/MultiKrum/Bulyan (f) and MultiKrum (kept replies; 0: n - f).
+    privacy : PrivacySettings
+        User-level differential privacy (off by default): the Flower DP wrapper around the global rule,
+        the accountant's delta and each user's budget.
     **fedavg_args
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
@@ -133,7 +159,7 @@ class FederatedAdapters(FedAvg):
                  domain_mix: float = 1.0, server_learning_rate: float = 0.01, proximal_mu: float = 0.01,
                  norm_bound: NormBound = NormBound(), example_weights: ExampleWeights = ExampleWeights.CLAIMED, max_examples_per_client: int = 0,
                  trim_beta: float = 0.2, byzantine_clients: int = 0, krum_keep: int = 0,
-                 **fedavg_args) -> None:
+                 privacy: PrivacySettings = PrivacySettings(), **fedavg_args) -> None:
         super().__init__(**fedavg_args)
         self.ledger, self.run_id, self.method = ledger, run_id, method
         self.expected_shapes = {key: shape for key, shape in adapter_shapes.items() if method.shared_key(key)}
@@ -143,11 +169,15 @@ class FederatedAdapters(FedAvg):
         self.norm_bound = norm_bound
         self.example_weights, self.max_examples_per_client = example_weights, max_examples_per_client
         self.group_adapters = GroupAdapters(
-            lambda: make_rule(aggregation, server_learning_rate, proximal_mu, trim_beta=trim_beta,
-                              byzantine_clients=byzantine_clients, krum_keep=krum_keep),
+            lambda: with_privacy(make_rule(aggregation, server_learning_rate, proximal_mu, trim_beta=trim_beta,
+                                           byzantine_clients=byzantine_clients, krum_keep=krum_keep), privacy),
             domain_mix)
+        self.privacy = PrivacyAccount(privacy)
         self.node_groups: dict[int, str] = {}  # learned from the domain each node declares
+        self.node_users: dict[int, str] = {}  # learned from the user-id each node declares
+        self._stopped_users: set[str] = set()  # at their budget, their event recorded
         self._sent: dict[str, list[Message]] = {}  # phase -> messages of the current round
+        self._available = 0  # nodes the current round sampled from
 
     @property
     def groups(self) -> dict[str, ArrayRecord]:
@@ -170,6 +200,21 @@ class FederatedAdapters(FedAvg):
         for result in self.ledger.client_results(self.run_id):
             if result.phase == "train" and result.status == "ok" and result.round_number <= last_round:
                 self.node_groups[int(result.node_id)] = group_of(self.method, result.domain)
+            if result.user_id is not None:
+                self.node_users[int(result.node_id)] = result.user_id
+        self._restore_privacy()
+
+    def _restore_privacy(self) -> None:
+        """The releases and charges of the committed rounds (resume_run dropped the others), and who was stopped."""
+        charges: dict[int, dict[str, float]] = {}
+        for charge in self.ledger.privacy_charges(self.run_id):
+            charges.setdefault(charge.round_number, {})[charge.user_id] = charge.noise_multiplier
+        for release in self.ledger.privacy_rounds(self.run_id):
+            self.privacy.add(Release(release.sampling_rate, release.noise_multiplier),
+                             charges.get(release.round_number, {}))
+        self._stopped_users = {self.node_users[int(event.node_id)] for event in self.ledger.events(self.run_id)
+                               if event.kind == "privacy-budget-reached" and event.node_id is not None
+                               and int(event.node_id) in self.node_users}
 
     # --- payloads -------------------------------------------------------------------------------
 
@@ -189,8 +234,20 @@ class FederatedAdapters(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.groups.setdefault(GLOBAL_GROUP, self._shared_part(arrays))
-        wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes), self.node_wait_seconds)
-        messages = self._messages(super().configure_train(server_round, arrays, config, grid), config, MessageType.TRAIN)
+        needed = max(self.min_available_nodes, self.min_train_nodes)
+        wait_for_nodes(grid, needed, self.node_wait_seconds)
+        if self.privacy.settings.mode.clips_on_device:
+            config[KEY_CLIPPING_NORM] = self.privacy.settings.clipping_norm  # what Flower's fixedclipping_mod reads
+        within = WithinBudget(grid, self._over_budget(server_round, grid))
+        if len(within.get_node_ids()) >= needed or not within.excluded:  # none excluded: Flower's sampler as ever
+            template = super().configure_train(server_round, arrays, config, within)
+        else:
+            template = []
+            self.ledger.record_event(self.run_id, "privacy-budget-exhausted", f"{len(within.available)} nodes are "
+                                     f"within their dp-user-budget and a round needs {needed}: it trains none",
+                                     round_number=server_round)
+        self._available = len(within.available)
+        messages = self._messages(template, config, MessageType.TRAIN)
         self._sent["train"] = messages
         self.ledger.start_round(self.run_id, server_round, clients_sampled=len(messages),
                                 bytes_down=sum(array_nbytes(m.content[self.arrayrecord_key]) for m in messages))
@@ -206,7 +263,10 @@ class FederatedAdapters(FedAvg):
             self.ledger.record_event(self.run_id, "round-not-aggregated", "no valid update this round; the adapters "
                                      "are kept", round_number=server_round)
         elif self.method.sends_arrays:
+            clipping_norm = self._dp_clipping_norm()  # before an adaptive wrapper moves it
             self._aggregate_groups(server_round, accepted)
+            if clipping_norm is not None:
+                self._charge(server_round, clipping_norm)
         self.ledger.finish_round(self.run_id, server_round, clients_replied=len(accepted), clients_failed=failed,
                                  metrics=dict(metrics or {}),
                                  bytes_up=sum(array_nbytes(r.content[self.arrayrecord_key]) for r in accepted))
@@ -223,6 +283,46 @@ class FederatedAdapters(FedAvg):
                                      f"{group!r} (too few replies for it); its adapter is kept", round_number=server_round)
         for domain, tensors in self.group_adapters.checkpoints().items():
             self.ledger.save_checkpoint(self.run_id, server_round, tensors, domain=domain)
+
+    # --- differential privacy ------------------------------------------------------------------
+
+    def _over_budget(self, server_round: int, grid: Grid) -> set[int]:
+        """Connected nodes whose user has no room for another round in ``dp-user-budget``; an event for each new one."""
+        stopped = {node for node in grid.get_node_ids()
+                   if node in self.node_users and not self.privacy.allows(self.node_users[node])}
+        for node in sorted(stopped):
+            user = self.node_users[node]
+            if user not in self._stopped_users:
+                self._stopped_users.add(user)
+                self.ledger.record_event(
+                    self.run_id, "privacy-budget-reached",
+                    f"user {user!r} has spent epsilon {self.privacy.user_epsilon(user):.4g} of dp-user-budget "
+                    f"{self.privacy.settings.user_budget:g} (delta {self.privacy.settings.delta:g}); another round "
+                    "would exceed it, so their node is no longer sampled", round_number=server_round, node_id=node)
+        return stopped
+
+    def _dp_clipping_norm(self) -> float | None:
+        """The norm the DP wrapper clips this round's updates to; None when dp is off."""
+        if not self.privacy.settings.mode.on:
+            return None
+        return float(self.group_adapters.rule(GLOBAL_GROUP).clipping_norm)  # type: ignore[attr-defined]
+
+    def _charge(self, server_round: int, clipping_norm: float) -> None:
+        """Account the round's release and record it: the run's epsilon, and each sampled user's (docs/trust.md).
+
+        Every sampled node whose user is known is charged, accepted or not: a rejection depends on
+        the user's data too.
+        """
+        sampled = [message.metadata.dst_node_id for message in self._sent["train"]]
+        devices = Counter(self.node_users[node] for node in sampled if node in self.node_users)
+        spend = self.privacy.release(len(sampled), self._available, devices)
+        settings = self.privacy.settings
+        release = PrivacyRoundRecord(self.run_id, server_round, settings.mode.value, settings.noise_multiplier,
+                                     clipping_norm, len(sampled), self._available, spend.release.sampling_rate,
+                                     settings.delta, spend.round_epsilon, spend.run_epsilon)
+        self.ledger.record_privacy(release, [
+            PrivacyChargeRecord(self.run_id, server_round, user, charge.devices, charge.noise_multiplier,
+                                charge.rounds, charge.epsilon) for user, charge in spend.users.items()])
 
     # --- evaluation -----------------------------------------------------------------------------
 
@@ -282,6 +382,8 @@ class FederatedAdapters(FedAvg):
             except AdapterUpdateError as error:
                 self._record_rejected(server_round, node_id, phase, who, str(error))
                 continue
+            if who["user_id"] is not None:  # the privacy budget is the user's, wherever they connect from
+                self.node_users[node_id] = who["user_id"]
             screened.append(Screened(reply, node_id, who, metrics))
         return screened
 
@@ -300,18 +402,26 @@ class FederatedAdapters(FedAvg):
         limit = self.norm_bound.limit([item.norm for item in screened])
         kept: list[Screened] = []
         for item in screened:
-            if not math.isfinite(item.norm):  # bound or not: float64 cannot average it either
-                self._record_rejected(server_round, item.node_id, "train", item.who, "update norm overflows float64")
-            elif item.norm <= limit:
-                kept.append(item)
-            elif self.norm_bound.clip:
+            if refusal := self._norm_refusal(item.norm, limit):
+                self._record_rejected(server_round, item.node_id, "train", item.who, refusal)
+                continue
+            if item.norm > limit:
                 self._clip(server_round, item, limit)
-                kept.append(item)
-            else:
-                self._record_rejected(server_round, item.node_id, "train", item.who,
-                                      f"update norm {item.norm:.6g} is over the bound {limit:.6g} (run-config "
-                                      "max-update-norm, norm-bound-relative)")
+            kept.append(item)
         return kept
+
+    def _norm_refusal(self, norm: float, limit: float) -> str | None:
+        """Why an update of this norm is refused, if it is (else it is kept, clipped to ``limit`` if over it)."""
+        if not math.isfinite(norm):  # bound or not: float64 cannot average it either
+            return "update norm overflows float64"
+        settings = self.privacy.settings
+        if settings.mode.clips_on_device and norm > settings.clipping_norm * (1 + DEVICE_CLIPPING_TOLERANCE):
+            return (f"update norm {norm:.6g} is over the clipping norm {settings.clipping_norm:.6g} its device was "
+                    "sent (dp = \"client-fixed\": the ClientApp must clip with Flower's fixedclipping_mod)")
+        if norm > limit and not self.norm_bound.clip:
+            return (f"update norm {norm:.6g} is over the bound {limit:.6g} (run-config max-update-norm, "
+                    "norm-bound-relative)")
+        return None
 
     def _clip(self, server_round: int, item: Screened, limit: float) -> None:
         """Scale the reply's change from what its node received down to ``limit``, in place."""

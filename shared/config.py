@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.methods import AGGREGATIONS, METHODS, Aggregation, ExampleWeights
+from shared.methods import AGGREGATIONS, DP_MODES, METHODS, Aggregation, DpMode, ExampleWeights
 
 # the poisoning defence (server/aggregation.py) and the attack harness (client/attacks.py); docs/trust.md
 NORM_BOUND_MODES = ("reject", "clip")
@@ -31,6 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "norm_bound_mode": NORM_BOUND_MODES,
     "example_weights": EXAMPLE_WEIGHTS,
     "attack": ATTACKS,
+    "dp": DP_MODES,
 }
 
 
@@ -109,6 +110,16 @@ class FederationConfig:
     attack: str = "none"
     attack_fraction: float = 0.3
     attack_scale: float = 10.0
+    # user-level differential privacy (server/privacy.py, docs/trust.md): one of Flower's DP wrappers
+    # around the global rule, Google's RDP accountant, and a budget after which a user is not sampled
+    dp: str = "off"
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 0.1
+    dp_delta: float = 1e-5
+    dp_user_budget: float = 0.0
+    dp_target_quantile: float = 0.5
+    dp_clip_norm_lr: float = 0.2
+    dp_clipped_count_stddev: float = 0.0
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederationConfig":
@@ -155,6 +166,7 @@ class FederationConfig:
             raise ConfigError("lora-target-modules must name at least one module, e.g. 'q_proj,v_proj'")
         self._validate_defence()
         self._validate_rule_composition()
+        self._validate_privacy()
 
     def _validate_defence(self) -> None:
         """Ranges of the poisoning-defence and attack keys."""
@@ -193,6 +205,57 @@ class FederationConfig:
         if self.krum_keep > self.min_train_nodes - self.byzantine_clients:
             raise ConfigError(f"krum-keep {self.krum_keep} would keep a byzantine client in a round of min-train-nodes "
                               f"({self.min_train_nodes}) replies; at most min-train-nodes - byzantine-clients")
+
+    def _validate_privacy(self) -> None:
+        """Ranges of the dp-* keys; with dp on, only the compositions where the noise protects each user."""
+        for name in ("dp_noise_multiplier", "dp_user_budget", "dp_clipped_count_stddev"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_key(name)} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("dp_clipping_norm", "dp_clip_norm_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{_key(name)} must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp-delta must be in (0, 1), got {self.dp_delta!r}")
+        if not 0 <= self.dp_target_quantile <= 1:
+            raise ConfigError(f"dp-target-quantile must be in [0, 1], got {self.dp_target_quantile!r}")
+        mode = DpMode(self.dp)
+        if not mode.on:
+            if self.dp_user_budget:
+                raise ConfigError("dp-user-budget needs dp on: with dp = \"off\" no epsilon is spent")
+            return
+        self._validate_private_composition()
+        if mode.adaptive:
+            self._validate_adaptive_noise()
+
+    def _validate_private_composition(self) -> None:
+        """Refuse, with the reason, a method, rule or weighting whose aggregate the noise would not cover."""
+        method_ = METHODS[self.method]
+        if not method_.sends_arrays:
+            raise ConfigError(f"dp with method {self.method!r}: no update leaves the device, there is nothing to protect")
+        if method_.by_domain:
+            raise ConfigError(f"dp with method {self.method!r}: a per-domain method releases two aggregates of each "
+                              "update a round (the global one and its domain's), and a domain's few replies would "
+                              "need noise scaled to those few; use a global method (fedavg, fedavg-ft, dual, ditto, "
+                              "fedsa, fedavg-knn, dual-knn)")
+        if not Aggregation(self.aggregation).is_mean:
+            raise ConfigError(f"dp with aggregation {self.aggregation!r}: the noise is scaled to one clipped update's "
+                              "share of a mean (dp-clipping-norm / replies); a server optimizer transforms the mean "
+                              "before the noise and a robust rule is no mean: use fedavg or fedprox")
+        if ExampleWeights(self.example_weights) is not ExampleWeights.UNIFORM:
+            raise ConfigError("dp needs example-weights = \"uniform\": in a weighted mean a user's weight can exceed "
+                              "1 / replies, and their clipped update then moves the aggregate by more than the noise "
+                              "is scaled to")
+        if self.dp_user_budget and self.dp_noise_multiplier == 0:
+            raise ConfigError("dp-user-budget with dp-noise-multiplier = 0: a round without noise spends an infinite "
+                              "epsilon, so no user could take part at all")
+
+    def _validate_adaptive_noise(self) -> None:
+        """Flower's adaptive clipping takes part of the noise for the clipped count: it needs enough left over."""
+        count_stddev = self.dp_clipped_count_stddev or self.min_train_nodes / 20  # Flower's default: replies / 20
+        if self.dp_noise_multiplier >= 2 * count_stddev:
+            raise ConfigError(f"dp = \"server-adaptive\" needs dp-noise-multiplier < 2 x dp-clipped-count-stddev "
+                              f"({count_stddev:g}; 0 means min-train-nodes / 20): Flower splits the noise between the "
+                              "update and the count of clipped updates (Andrew et al.); raise dp-clipped-count-stddev")
 
     @property
     def available_nodes(self) -> int:

@@ -160,6 +160,11 @@ class Aggregation(Enum):
         return self is Aggregation.FEDPROX
 
     @property
+    def is_mean(self) -> bool:
+        """Whether the server's aggregate is the weighted mean of the replies (FedProx's term is the clients')."""
+        return self in (Aggregation.FEDAVG, Aggregation.FEDPROX)
+
+    @property
     def robust(self) -> bool:
         """Whether the rule bounds what a minority of replies can do to the aggregate, whatever their values."""
         return self in (Aggregation.FEDMEDIAN, Aggregation.FEDTRIMMEDAVG, Aggregation.KRUM, Aggregation.MULTIKRUM,
@@ -215,6 +220,38 @@ class ExampleWeights(Enum):
         if self is ExampleWeights.CAPPED:
             return min(claimed, cap)
         return 1 if self is ExampleWeights.UNIFORM else claimed
+
+
+class DpMode(Enum):
+    """User-level differential privacy (run config ``dp``; server/privacy.py, docs/trust.md).
+
+    Each mode but off wraps the global group's rule in one of Flower's DP wrappers: each update's
+    change from what its node was sent is clipped to an L2 norm, on the server or on the device
+    (Flower's ``fixedclipping_mod``), and Gaussian noise is added to the aggregate (McMahan et al.,
+    2018; adaptive clipping: Andrew et al., 2021).
+    """
+
+    OFF = "off"
+    SERVER_FIXED = "server-fixed"
+    SERVER_ADAPTIVE = "server-adaptive"
+    CLIENT_FIXED = "client-fixed"
+
+    @property
+    def on(self) -> bool:
+        return self is not DpMode.OFF
+
+    @property
+    def clips_on_device(self) -> bool:
+        """Whether the devices clip (the server sends the norm and checks that they did)."""
+        return self is DpMode.CLIENT_FIXED
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the clipping norm follows a quantile of the updates' norms, round by round."""
+        return self is DpMode.SERVER_ADAPTIVE
+
+
+DP_MODES = tuple(mode.value for mode in DpMode)
 
 
 def method(name: str) -> Method:

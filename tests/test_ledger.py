@@ -52,6 +52,11 @@ EXPECTED_COLUMNS = {
     "checkpoints": {
         "id", "run_id", "round_number", "domain", "content_hash", "num_bytes", "data", "created_at",
     },
+    "privacy_rounds": {
+        "id", "round_id", "mode", "noise_multiplier", "clipping_norm", "sampled", "available", "sampling_rate",
+        "delta", "round_epsilon", "epsilon",
+    },
+    "privacy_charges": {"id", "round_id", "user_id", "devices", "noise_multiplier", "rounds", "epsilon"},
 }  # fmt: skip
 
 
@@ -129,7 +134,7 @@ def test_migrations_create_the_schema_and_downgrade_removes_it(ledger_url: Targe
 
     with ledger_url.open() as ledger:
         with ledger.engine.connect() as connection:
-            assert migrate.current_revision(connection) == migrate.head_revision() == "0001"
+            assert migrate.current_revision(connection) == migrate.head_revision() == "0002"
             assert_schema_matches_models(connection)
 
         with ledger.engine.begin() as connection:

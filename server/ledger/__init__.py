@@ -1,8 +1,9 @@
-"""The server's round ledger: runs, rounds, client results, events and adapter checkpoints in SQL."""
+"""The server's round ledger: runs, rounds, client results, events, adapter checkpoints and privacy spent, in SQL."""
 
 from .ledger import Ledger, LedgerError
-from .models import Base, Checkpoint, ClientResult, Event, Round, Run
-from .records import ClientResultRecord, EventRecord, RoundRecord, RunRecord
+from .models import Base, Checkpoint, ClientResult, Event, PrivacyCharge, PrivacyRound, Round, Run
+from .records import (ClientResultRecord, EventRecord, PrivacyChargeRecord, PrivacyRoundRecord, RoundRecord,
+                      RunRecord)
 
 __all__ = [
     "Base",
@@ -13,6 +14,10 @@ __all__ = [
     "EventRecord",
     "Ledger",
     "LedgerError",
+    "PrivacyCharge",
+    "PrivacyChargeRecord",
+    "PrivacyRound",
+    "PrivacyRoundRecord",
     "Round",
     "RoundRecord",
     "Run",

@@ -6,7 +6,8 @@ round as soon as it is written. SQLite files run in WAL mode so such readers nev
 and SQLite transactions (migrations included) are begun explicitly, so they are all-or-nothing.
 
 Reads return frozen dataclasses (``RunRecord``, ``RoundRecord``, ``ClientResultRecord``,
-``EventRecord``), detached copies that stay valid after the ledger is closed.
+``EventRecord``, ``PrivacyRoundRecord``, ``PrivacyChargeRecord``), detached copies that stay valid
+after the ledger is closed.
 
 Non-finite metric and config values (NaN, +inf, -inf) are stored as JSON ``null`` and read back as
 None: JSON has no spelling for them, and PostgreSQL rejects the ``NaN`` token Python's json writes.
@@ -14,12 +15,13 @@ None: JSON has no spelling for them, and PostgreSQL rejects the ``NaN`` token Py
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import numbers
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -34,8 +36,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from . import migrate
-from .models import CLIENT_PHASES, CLIENT_STATUSES, RUN_STATUSES, Checkpoint, ClientResult, Event, Round, Run, utcnow
-from .records import ClientResultRecord, EventRecord, RoundRecord, RunRecord
+from .models import (CLIENT_PHASES, CLIENT_STATUSES, RUN_STATUSES, Checkpoint, ClientResult, Event, PrivacyCharge,
+                     PrivacyRound, Round, Run, utcnow)
+from .records import (ClientResultRecord, EventRecord, PrivacyChargeRecord, PrivacyRoundRecord, RoundRecord,
+                      RunRecord)
 
 FINISHED_RUN_STATUSES = tuple(status for status in RUN_STATUSES if status != "running")
 SUPPORTED_BACKENDS = ("sqlite", "postgresql")
@@ -215,6 +219,26 @@ class Ledger:
             _get_run(session, run_id)
             session.add(event_)
 
+    def record_privacy(self, release: PrivacyRoundRecord, charges: Sequence[PrivacyChargeRecord]) -> None:
+        """Record a round's private release and each user's charge for it, together; LedgerError if recorded already."""
+        with self._write() as session:
+            round_id = _get_round(session, release.run_id, release.round_number).id
+            fields = {field.name: getattr(release, field.name) for field in dataclasses.fields(release)
+                      if field.name not in ("run_id", "round_number")}
+            session.add(PrivacyRound(round_id=round_id, **fields))
+            for charge in charges:
+                if (charge.run_id, charge.round_number) != (release.run_id, release.round_number):
+                    raise ValueError(f"a charge of round {charge.round_number} of run {charge.run_id} is not one of "
+                                     f"round {release.round_number} of run {release.run_id}")
+                session.add(PrivacyCharge(round_id=round_id, user_id=charge.user_id, devices=charge.devices,
+                                          noise_multiplier=charge.noise_multiplier, rounds=charge.rounds,
+                                          epsilon=charge.epsilon))
+            try:
+                session.flush()
+            except IntegrityError as error:
+                raise LedgerError(f"round {release.round_number} of run {release.run_id} already has a private "
+                                  "release in the ledger") from error
+
     def save_checkpoint(
         self, run_id: int, round_number: int, tensors: Mapping[str, numpy.ndarray], domain: str = ""
     ) -> str:
@@ -328,6 +352,20 @@ class Ledger:
         with self._sessions() as session:
             rows = session.execute(query)
             return [ClientResultRecord.of(result, run_id, number) for result, number in rows]
+
+    def privacy_rounds(self, run_id: int) -> list[PrivacyRoundRecord]:
+        """The run's private releases by round."""
+        query = (select(PrivacyRound, Round.number).join(Round, PrivacyRound.round_id == Round.id)
+                 .where(Round.run_id == run_id).order_by(Round.number))
+        with self._sessions() as session:
+            return [PrivacyRoundRecord.of(row, run_id, number) for row, number in session.execute(query)]
+
+    def privacy_charges(self, run_id: int) -> list[PrivacyChargeRecord]:
+        """The run's charges to users, by round, then user."""
+        query = (select(PrivacyCharge, Round.number).join(Round, PrivacyCharge.round_id == Round.id)
+                 .where(Round.run_id == run_id).order_by(Round.number, PrivacyCharge.user_id))
+        with self._sessions() as session:
+            return [PrivacyChargeRecord.of(row, run_id, number) for row, number in session.execute(query)]
 
     def events(self, run_id: int) -> list[EventRecord]:
         """The run's events in recording order."""

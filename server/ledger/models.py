@@ -173,6 +173,40 @@ class Event(Base):
     run: Mapped[Run] = relationship(back_populates="events")
 
 
+class PrivacyRound(Base):
+    """A round's differentially private release: its mechanism, sampling and the run's epsilon after it."""
+
+    __tablename__ = "privacy_rounds"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    # Hangs off its round: a resumed run drops an unfinished round's release with it.
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), unique=True)
+    mode: Mapped[str] = mapped_column(String(32))
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    clipping_norm: Mapped[float] = mapped_column(Float)  # the one this round's updates were clipped to
+    sampled: Mapped[int]
+    available: Mapped[int]  # nodes that could be sampled: connected and within their budget
+    sampling_rate: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    round_epsilon: Mapped[float] = mapped_column(Float)  # this release alone
+    epsilon: Mapped[float] = mapped_column(Float)  # the run's, composed over its releases so far
+
+
+class PrivacyCharge(Base):
+    """What one user spent by taking part in one round's release (their epsilon so far)."""
+
+    __tablename__ = "privacy_charges"
+    __table_args__ = (UniqueConstraint("round_id", "user_id"), Index(None, "user_id"))
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[str] = mapped_column(String(255))
+    devices: Mapped[int]  # nodes of this user sampled in the round
+    noise_multiplier: Mapped[float] = mapped_column(Float)  # of the round's mechanism for this user
+    rounds: Mapped[int]  # rounds taken part in so far
+    epsilon: Mapped[float] = mapped_column(Float)
+
+
 class Checkpoint(Base):
     """An adapter's weights after a round, as safetensors bytes; ``domain == ""`` is the global one."""
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .models import ClientResult, Event, Round, Run
+from .models import ClientResult, Event, PrivacyCharge, PrivacyRound, Round, Run
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,3 +123,45 @@ class EventRecord:
             round_number=event.round_number,
             node_id=event.node_id,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyRoundRecord:
+    """A round's differentially private release (server/privacy.py says what each number means)."""
+
+    run_id: int
+    round_number: int
+    mode: str
+    noise_multiplier: float
+    clipping_norm: float
+    sampled: int
+    available: int
+    sampling_rate: float
+    delta: float
+    round_epsilon: float
+    epsilon: float
+
+    @classmethod
+    def of(cls, row: PrivacyRound, run_id: int, round_number: int) -> PrivacyRoundRecord:
+        return cls(run_id=run_id, round_number=round_number, mode=row.mode, noise_multiplier=row.noise_multiplier,
+                   clipping_norm=row.clipping_norm, sampled=row.sampled, available=row.available,
+                   sampling_rate=row.sampling_rate, delta=row.delta, round_epsilon=row.round_epsilon,
+                   epsilon=row.epsilon)
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyChargeRecord:
+    """One user's charge for one round's release: their devices in it, and their epsilon so far."""
+
+    run_id: int
+    round_number: int
+    user_id: str
+    devices: int
+    noise_multiplier: float
+    rounds: int
+    epsilon: float
+
+    @classmethod
+    def of(cls, row: PrivacyCharge, run_id: int, round_number: int) -> PrivacyChargeRecord:
+        return cls(run_id=run_id, round_number=round_number, user_id=row.user_id, devices=row.devices,
+                   noise_multiplier=row.noise_multiplier, rounds=row.rounds, epsilon=row.epsilon)

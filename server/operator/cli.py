@@ -35,11 +35,13 @@ from .queries import (
     round_seconds,
     run_duration,
     run_overviews,
+    user_budget,
+    users_privacy,
 )
 
 app = typer.Typer(
     name="fedgraft-ops",
-    help="Read fedgraft's round ledger (read-only): runs, rounds, client results, events, exports, dashboard.",
+    help="Read fedgraft's round ledger (read-only): runs, rounds, client results, events, privacy, exports, dashboard.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -250,6 +252,33 @@ def events(run: RunRef, db: Db = None) -> None:
     if not records:
         out.caption = "no events"
     show(out)
+
+
+@app.command()
+def privacy(run: RunRef, db: Db = None) -> None:
+    """The run's differential privacy: epsilon per round (the run's) and per user (their own), against the budget."""
+    with reading(db) as ledger:
+        record = resolve_run(ledger, run)
+        releases, users = ledger.privacy_rounds(record.id), users_privacy(ledger.privacy_charges(record.id))
+    columns = ("round", "noise multiplier", "clipping norm", "sampled", "available", "sampling rate", "round epsilon",
+               "run epsilon")  # fmt: skip
+    setting = f": dp = {releases[0].mode}, delta {releases[0].delta:g}" if releases else ""  # the run's own
+    rounds_out = table(f"Private releases of run {record.id}{setting}", *columns, numeric=columns)
+    for r in releases:
+        rounds_out.add_row(*row(r.round_number, fmt.number(r.noise_multiplier), fmt.number(r.clipping_norm), r.sampled,
+                                r.available, fmt.number(r.sampling_rate), fmt.number(r.round_epsilon),
+                                fmt.number(r.epsilon)))  # fmt: skip
+    if not releases:
+        rounds_out.caption = "no private release recorded (run-config dp is off, or no round was aggregated)"
+    budget = user_budget(record)
+    users_out = table(f"Epsilon spent per user (budget: {fmt.number(budget)})", "user", "rounds", "last round",
+                      "epsilon", "budget left", numeric=("rounds", "last round", "epsilon", "budget left"))
+    for user in users:
+        left = None if budget is None else budget - user.epsilon
+        users_out.add_row(*row(user.user_id, user.rounds, user.last_round, fmt.number(user.epsilon), fmt.number(left)))
+    if not users:
+        users_out.caption = "no user charged"
+    show(rounds_out, users_out)
 
 
 @app.command()

@@ -1,8 +1,8 @@
 """The web dashboard: server-rendered pages over the round ledger, read-only.
 
 Pages: ``/`` lists the runs; ``/runs/{run}`` shows one run (ledger or Flower run id) with SVG charts
-of its rounds, the rounds table, the client results of one round (``?round=N``, the last by default)
-and its events; ``/runs/{run}/export.json`` and ``.csv`` download what ``fedgraft-ops export`` writes.
+of its rounds, the rounds table, the client results of one round (``?round=N``, the last by default),
+its differential privacy (epsilon per round and per user, when it has any) and its events; ``/runs/{run}/export.json`` and ``.csv`` download what ``fedgraft-ops export`` writes.
 
 With a token, every request needs ``Authorization: Bearer <token>`` or ``?token=<token>``, else 401;
 pages reached with ``?token=`` keep it in their links, so a browser can follow them.
@@ -34,7 +34,8 @@ from server.ledger.records import RoundRecord
 from . import formatting as fmt
 from .charts import Series, line_chart
 from .export import write_csv, write_json
-from .queries import checkpoints, open_ledger, resolve_run, round_seconds, run_duration, run_overviews
+from .queries import (checkpoints, open_ledger, resolve_run, round_seconds, run_duration, run_overviews, user_budget,
+                      users_privacy)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -154,6 +155,9 @@ class Pages:
             "results": results,
             "events": self.ledger.events(run.id),
             "checkpoints": checkpoints(self.ledger, run.id),
+            "privacy_rounds": self.ledger.privacy_rounds(run.id),
+            "privacy_users": users_privacy(self.ledger.privacy_charges(run.id)),
+            "budget": user_budget(run),
             "charts": round_charts(rounds),
             "refresh": REFRESH_SECONDS if run.status == "running" else None,
         }

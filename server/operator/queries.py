@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from sqlalchemy import Select, func, select
 
 from server.ledger import Checkpoint, Ledger, LedgerError, Round
-from server.ledger.records import RoundRecord, RunRecord
+from server.ledger.records import PrivacyChargeRecord, RoundRecord, RunRecord
 from shared.config import fedgraft_home
 
 
@@ -92,6 +92,30 @@ def resolve_run(ledger: Ledger, reference: str | int) -> RunRecord:
         described = "; ".join(f"ledger id {run.id} (Flower run {run.flower_run_id})" for run in matches)
         raise LedgerError(f"run {text} is ambiguous in the ledger at {ledger.masked_url}: {described}")
     return matches[0]
+
+
+@dataclass(frozen=True, slots=True)
+class UserPrivacy:
+    """What one user has spent in a run: their latest charge."""
+
+    user_id: str
+    rounds: int
+    last_round: int
+    epsilon: float
+
+
+def users_privacy(charges: list[PrivacyChargeRecord]) -> list[UserPrivacy]:
+    """Each charged user's epsilon so far, most spent first (then by user)."""
+    latest: dict[str, PrivacyChargeRecord] = {}
+    for charge in charges:  # by round: the last one seen is the user's latest
+        latest[charge.user_id] = charge
+    users = [UserPrivacy(c.user_id, c.rounds, c.round_number, c.epsilon) for c in latest.values()]
+    return sorted(users, key=lambda user: (-user.epsilon, user.user_id))
+
+
+def user_budget(run: RunRecord) -> float | None:
+    """The run's ``dp-user-budget`` (epsilon), None when it set none."""
+    return float(run.config.get("dp-user-budget") or 0) or None
 
 
 def checkpoints(ledger: Ledger, run_id: int) -> list[CheckpointInfo]:
