@@ -59,7 +59,7 @@ class FederationConfig:
     base_model: str = "smollm2"
     base_dtype: str = "float32"
     # personalization (shared/methods.py)
-    method: str = "fedavg"
+    method: str = "fedavg-knn"
     aggregation: str = "fedavg"
     personal_steps: int = 12
     personal_learning_rate: float = 0.0

@@ -78,6 +78,8 @@ def test_the_main_job_command_runs_end_to_end(tiny_base, tmp_path):
     assert code == 0
     report = (workdir / "report.md").read_text()
     assert "## Held-out perplexity per user" in report and report.count("| ") > 10
+    # the default method personalizes (fedavg-knn): each user's model beside the base and the shared adapter
+    assert "| user | domain | tokens | base | shared adapter | personal model | change |" in report
     with Ledger(f"sqlite:///{workdir / 'ledger.db'}", read_only=True) as ledger:
         (run,) = ledger.runs()
         assert run.status == "completed" and run.config["exclude-plays"] == ""
