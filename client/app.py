@@ -226,7 +226,7 @@ def evaluate_adapter(msg: Message, context: Context) -> Message:
         save_private_state(job)
     adapted = score_user_model(job)
     # beside the user's model, the shared adapter alone, so a table can show what personalization added
-    shared = adapted if job.method.user_adapters == [SHARED] else score_adapters(job, [SHARED])
+    shared = score_adapters(job, [SHARED]) if job.method.user_adapters != [SHARED] else adapted
     cache: dict[str, float] = {}
     if job.method.retrieval:  # the user's model with its cache; the model alone stays as model-* for comparison
         cache = {"model-loss": adapted["loss"], "model-perplexity": adapted["perplexity"]}

@@ -115,6 +115,11 @@ class Method:
             return [SHARED]
         return [SHARED, PERSONAL] if self.stacks_personal else [PERSONAL]
 
+    @property
+    def adds_to_shared(self) -> bool:
+        """Whether a user's model is more than the shared adapter alone (a personal adapter, or a cache)."""
+        return self.user_adapters != [SHARED] or self.retrieval
+
     def shared_key(self, key: str) -> bool:
         """Whether an adapter tensor (peft state-dict key) travels under this method."""
         return self.shares.travels(key)

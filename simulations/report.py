@@ -10,6 +10,7 @@ from rich.table import Table
 
 from server.ledger import Ledger, LedgerError
 from server.ledger.records import RunRecord
+from shared.methods import method
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,6 @@ class PerUserTable:
         return "\n".join(lines + ["", self.summary()])
 
 
-def _shared_if_different(metrics: dict) -> float | None:
-    shared = metrics.get("shared-perplexity")
-    return None if shared is None or shared == metrics["eval-perplexity"] else shared
-
-
 def find_run(ledger: Ledger, flower_run_id: str) -> RunRecord:
     for run in ledger.runs():
         if run.flower_run_id == str(flower_run_id):
@@ -97,7 +93,8 @@ def per_user_table(ledger_url: str, flower_run_id: str) -> PerUserTable:
         results = ledger.client_results(run.id, rounds[-1].number) if rounds else []
     rows = [
         UserRow(r.user_id or r.node_id, r.domain or "", int(r.metrics["eval-tokens"]),
-                r.metrics["base-perplexity"], r.metrics["eval-perplexity"], _shared_if_different(r.metrics))
+                r.metrics["base-perplexity"], r.metrics["eval-perplexity"],
+                r.metrics.get("shared-perplexity") if method(run.method).adds_to_shared else None)
         for r in results if r.phase == "evaluate" and r.status == "ok"
     ]
     return PerUserTable(run, sorted(rows, key=lambda row: (row.domain, row.user_id)))
