@@ -207,16 +207,18 @@ def test_client_side_clipping_sends_the_norm_and_refuses_an_update_its_device_di
     assert refused.node_id == "13" and "fixedclipping_mod" in refused.error
 
 
+def unclipped_client(message: Message, _context: Context) -> Message:
+    """A device that trained an update of norm 2 UNIT and does not clip it."""
+    return reply_to(message, RecordDict({"arrays": arrays(2.0), "metrics": metrics(10),
+                                         "identity": ConfigRecord({"user-id": f"u{message.metadata.dst_node_id}"})}))
+
+
 def test_flowers_fixedclipping_mod_on_our_messages_clips_what_the_server_then_accepts(ledger):
     strategy, run_id = dp_strategy(ledger, private(DpMode.CLIENT_FIXED, noise=0.0, clip=1.0), nodes=(11, 12))
     sent = list(strategy.configure_train(1, arrays(0.0), ConfigRecord({"base-hash": "x"}), FakeGrid([11, 12])))
 
-    def client(message: Message, _context: Context) -> Message:  # an unclipped update of norm 2 UNIT
-        return reply_to(message, RecordDict({"arrays": arrays(2.0), "metrics": metrics(10),
-                                             "identity": ConfigRecord({"user-id": f"u{message.metadata.dst_node_id}"})}))
-
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    replies = [fixedclipping_mod(message, context, client) for message in sent]
+    replies = [fixedclipping_mod(message, context, unclipped_client) for message in sent]
     aggregated, _ = strategy.aggregate_train(1, replies)
     everywhere(aggregated, 1 / UNIT)
     assert {r.status for r in ledger.client_results(run_id, 1)} == {"ok"}
@@ -228,18 +230,14 @@ def test_the_devices_clipping_mod_clips_only_when_the_run_clips_on_the_device(le
     strategy, run_id = dp_strategy(ledger, private(DpMode.CLIENT_FIXED, noise=0.0, clip=1.0), nodes=(11, 12))
     sent = list(strategy.configure_train(1, arrays(0.0), ConfigRecord({"base-hash": "x"}), FakeGrid([11, 12])))
 
-    def client(message: Message, _context: Context) -> Message:  # an unclipped update of norm 2 UNIT
-        return reply_to(message, RecordDict({"arrays": arrays(2.0), "metrics": metrics(10),
-                                             "identity": ConfigRecord({"user-id": f"u{message.metadata.dst_node_id}"})}))
-
     def context(dp: str) -> Context:
         run_config = {"dp": dp, "example-weights": "uniform"} if dp != "off" else {"dp": dp}
         return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
 
-    passed = dp_clipping_mod(sent[0], context("off"), client)  # off: the update leaves as trained
+    passed = dp_clipping_mod(sent[0], context("off"), unclipped_client)  # off: the update leaves as trained
     np.testing.assert_array_equal(passed.content["arrays"]["layer.lora_A.weight"].numpy(),
                                   arrays(2.0)["layer.lora_A.weight"].numpy())
-    replies = [dp_clipping_mod(message, context("client-fixed"), client) for message in sent]
+    replies = [dp_clipping_mod(message, context("client-fixed"), unclipped_client) for message in sent]
     aggregated, _ = strategy.aggregate_train(1, replies)
     everywhere(aggregated, 1 / UNIT)
     assert {r.status for r in ledger.client_results(run_id, 1)} == {"ok"}
