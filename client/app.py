@@ -18,19 +18,25 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.attacks import attack_mod
+from client.codec import codec_mod
 from client.personal import CACHE, copy_adapter, load_personal, save_personal
 from client.privacy import dp_clipping_mod
 from client.runtime import (AdapterSession, adapter_session, device_config, require_base, state_folder, user_blocks,
                             user_for_node)
+from client.secure import secure_aggregation_mod
 from shared.adapters import adapter_state, load_arrays, to_arrays
 from shared.config import FederationConfig
 from shared.data import UserData
 from shared.memory import peak_rss_bytes
 from shared.methods import PERSONAL, SHARED, Aggregation, Method, method
+from shared.ranks import truncate_record
 from shared.retrieval import CacheSetting, Datastore, build_datastore, choose_setting, collect, evaluate_with_cache
 from shared.training import TokenBlocks, evaluate, hold_out, proximal_penalty, train_adapter
 
-app = ClientApp(mods=[attack_mod])  # attack_mod does nothing unless run config sets attack
+# Each mod passes messages through unless the run config turns it on. Secure aggregation is outermost: it
+# answers SecAgg+'s protocol messages itself and hands the inner mods this app's own train message.
+# The codec mod decodes what arrives and encodes what leaves, so the mods inside it see float32 adapters.
+app = ClientApp(mods=[secure_aggregation_mod, codec_mod, attack_mod])
 
 CACHE_VALIDATION_FRACTION = 0.2  # blocks held out to choose the cache's setting, when personal training holds out none
 
@@ -61,7 +67,8 @@ def _prepare(msg: Message, context: Context) -> Job:
     if method_.keeps_b_matrices:  # FedSA: the device's own B lives in its saved shared adapter
         load_personal(session.model, SHARED, folder, session.base_hash)
     if method_.sends_arrays:
-        load_arrays(session.model, msg.content["arrays"], max_bytes=int(config.max_update_mb * 2**20),
+        # a server that has not yet heard this device's rank sends the run's: the device keeps its first components
+        load_arrays(session.model, truncate_record(msg.content["arrays"], config.lora_r), max_bytes=int(config.max_update_mb * 2**20),
                     adapter_name=SHARED, keep=method_.shared_key)
     if method_.keeps_personal and not load_personal(session.model, PERSONAL, folder, session.base_hash):
         if method_.personal_from_shared:
@@ -167,7 +174,9 @@ def save_private_state(job: Job) -> None:
 
 def _identity(job: Job) -> ConfigRecord:
     # Ids stay out of the MetricRecord: Flower averages every metric key.
-    return ConfigRecord({"user-id": job.user.user_id, "domain": job.user.domain, "base-hash": job.session.base_hash})
+    # lora-r: the rank this device trains (node config), which the server checks its reply's shapes against
+    return ConfigRecord({"user-id": job.user.user_id, "domain": job.user.domain, "base-hash": job.session.base_hash,
+                         "lora-r": job.config.lora_r})
 
 
 def _shared_arrays(job: Job) -> ArrayRecord:

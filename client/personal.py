@@ -6,6 +6,7 @@ Layout under the device's state folder (node-config or run-config ``state-dir``)
     <state-dir>/<user>/<adapter>/adapter_model.safetensors  PeftModel.from_pretrained loads them
     <state-dir>/<user>/<adapter>/fedgraft.json              base hash, method, round, time
     <state-dir>/<user>/cache/                               a retrieval method's kNN cache (shared/retrieval.py)
+    <state-dir>/<user>/residual.safetensors                 top-k's error-feedback residual (client/codec.py)
 
 Flower keeps a SuperNode's ``Context.state`` in memory only, so state that must survive a restart
 lives here. An adapter trained on another base is stale: loading it raises StalePersonalAdapter.

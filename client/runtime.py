@@ -1,7 +1,8 @@
 """What a client process keeps between messages: the base with its adapter, and the user's data.
 
 In simulation one Ray actor serves many virtual clients, and in deployment each message starts a
-fresh process, so everything here is cached per process and keyed by what determines it.
+fresh process, so everything here is cached per process and keyed by what determines it. The model
+lives on the device the ``device`` key names (shared/device.py); training and scoring follow it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from client.personal import user_folder
 from shared.adapters import adapter_state, attach_adapter, base_lora_config
 from shared.base_model import BaseModelError, load_model, load_tokenizer, weights_hash
 from shared.config import ConfigError, FederationConfig, fedgraft_home
+from shared.device import resolve_device
 from shared.methods import PERSONAL, SHARED
+from shared.ranks import device_alpha
 from shared.data import DataError, UserData, load_hf_user, load_jsonl_user, select_users, shakespeare_users
 from shared.data.users import split_texts, user_seed
 from shared.training import TokenBlocks, tokenize_blocks
@@ -60,14 +63,37 @@ class AdapterSession:
 
 
 def device_config(config: FederationConfig, node_config: Mapping[str, Any]) -> FederationConfig:
-    """The run config as this device applies it: its own copy of the base (node-config ``base-model``).
+    """The run config as this device applies it: its own copy of the base (node-config ``base-model``),
+    its own ``device`` (node-config ``device``: auto, cpu, cuda) and the LoRA rank it can afford
+    (node-config ``lora-r``, at most the run's; shared/ranks.py).
 
     The server names the base by its own path; a device downloaded it elsewhere. The content hash
-    check in ``require_base`` guarantees both are the same weights.
+    check in ``require_base`` guarantees both are the same weights. DeviceUnavailable when the
+    device asks for CUDA and has none: checked here, before anything is loaded.
     """
-    if node_config.get("base-model"):
-        return dataclasses.replace(config, base_model=str(node_config["base-model"]))
+    own: dict[str, Any] = {name: str(node_config[key]) for key, name in (("base-model", "base_model"), ("device", "device"))
+                           if node_config.get(key)}
+    if "lora-r" in node_config:
+        own |= device_rank(config, node_config["lora-r"])
+    if own:
+        config = dataclasses.replace(config, **own)
+        config.validate()
+    resolve_device(config.device)
     return config
+
+
+def device_rank(config: FederationConfig, declared: Any) -> dict[str, Any]:
+    """The LoRA fields of a device at node-config ``lora-r``: its rank, and an alpha keeping the server's scaling."""
+    whole = isinstance(declared, int) and not isinstance(declared, bool)
+    rank = int(declared) if whole or str(declared).isdigit() else 0
+    if not 0 < rank <= config.lora_r:
+        raise ConfigError(f"node-config lora-r {declared!r} must be a whole number in [1, {config.lora_r}]: the server "
+                          f"keeps the global adapter at the run's lora-r {config.lora_r}, and a device can train at "
+                          "most that rank")
+    if config.secure_aggregation and rank != config.lora_r:  # SecAgg+ sums equally long vectors: no padding inside it
+        raise ConfigError(f"node-config lora-r {rank} with secure-aggregation: every device must train the run's "
+                          f"lora-r {config.lora_r}, since SecAgg+ sums masked vectors of one length")
+    return {"lora_r": rank, "lora_alpha": device_alpha(config.lora_alpha, rank, config.lora_r)}
 
 
 @lru_cache(maxsize=1)
@@ -79,7 +105,8 @@ def adapter_session(config: FederationConfig) -> AdapterSession:
     tokenizer, base_hash = load_tokenizer(config.base_model), weights_hash(base)
     model = attach_adapter(base, base_lora_config(config), seed=config.seed, adapter_name=SHARED,
                            extra_adapters=(PERSONAL,))
-    initial = {adapter: adapter_state(model, adapter) for adapter in (SHARED, PERSONAL)}
+    model.to(resolve_device(config.device))
+    initial = {adapter: adapter_state(model, adapter) for adapter in (SHARED, PERSONAL)}  # on the CPU
     return AdapterSession(model, tokenizer, base_hash, initial)
 
 

@@ -11,7 +11,8 @@ for ``ditto``/``local``/``fedavg-ft`` the personal one, for ``fedavg``/``domain`
     python -m client.use generate --state-dir ~/.fedgraft/devices --user "macbeth/LADY MACBETH" --prompt "My lord,"
 
 ``--base`` defaults to the base the adapters were trained on (from their tag); the base's weights are
-hashed and checked against the tag before anything runs. Adapters trained on an emulator base run on
+hashed and checked against the tag before anything runs. ``--device`` (auto, cpu, cuda; default auto:
+the GPU when there is one) is where the model runs. Adapters trained on an emulator base run on
 its teacher with ``--on-teacher`` (``--teacher`` names another copy of it; shared/plugin.py).
 """
 
@@ -31,6 +32,7 @@ from rich.table import Table
 
 from client.personal import CACHE, PEFT_WEIGHTS, TAG_FILE, StalePersonalAdapter, user_folder
 from shared.base_model import BaseModelError, base_layout, load_model, load_tokenizer, weights_hash
+from shared.device import DEVICES, Device, model_device, resolve_device
 from shared.methods import PERSONAL, SHARED, method
 from shared.plugin import NotPluggable, plug_into_teacher
 from shared.retrieval import CacheSetting, Datastore, evaluate_with_cache
@@ -74,12 +76,14 @@ def read_tags(folder: Path) -> dict[str, dict]:
 
 
 def load_personal_model(folder: Path, base: str | None = None, dtype: str | None = None, on_teacher: bool = False,
-                        teacher: str | None = None) -> PersonalModel:
-    """Load the base and the adapters saved in ``folder``; refuse adapters trained on another base.
+                        teacher: str | None = None, device: Device = Device.AUTO) -> PersonalModel:
+    """Load the base and the adapters saved in ``folder`` onto ``device``; refuse adapters trained on another base.
 
     ``on_teacher``: the adapters were trained on an emulator base; run them on its teacher (the one
-    its layout names, or ``teacher``) instead.
+    its layout names, or ``teacher``) instead. DeviceUnavailable, before anything loads, for a
+    ``cuda`` this machine does not have.
     """
+    where = resolve_device(device)
     tags = read_tags(folder)
     if not tags:
         raise NoSavedAdapter(f"no saved adapter in {folder} (expected {SHARED}/ or {PERSONAL}/ with "
@@ -106,6 +110,7 @@ def load_personal_model(folder: Path, base: str | None = None, dtype: str | None
         peft_model = PeftModel.from_pretrained(model, folders[saved[0]], adapter_name=saved[0])
         for adapter in saved[1:]:
             peft_model.load_adapter(folders[adapter], adapter_name=adapter)
+    peft_model.to(where)
     peft_model.eval()
     method_ = method(newest.get("method", "fedavg"))
     adapters = [adapter for adapter in method_.user_adapters if adapter in saved] or saved
@@ -160,7 +165,7 @@ def generate(personal: PersonalModel, prompt: str, max_new_tokens: int = 60, tem
     """Continue the prompt with the user's model (sampling; temperature 0 is greedy)."""
     personal.use(personal.adapters)
     torch.manual_seed(seed)
-    inputs = personal.tokenizer(prompt, return_tensors="pt")
+    inputs = personal.tokenizer(prompt, return_tensors="pt").to(model_device(personal.model))
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         output = personal.model.generate(**inputs, max_new_tokens=max_new_tokens,
@@ -180,6 +185,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         command.add_argument("--user", help="the user id under --state-dir, e.g. 'macbeth/LADY MACBETH'")
         command.add_argument("--base", help="base spec or folder (default: the one named in the adapters' tag)")
         command.add_argument("--dtype", help="base dtype (default: the one the adapters were trained with)")
+        command.add_argument("--device", choices=DEVICES, default=Device.AUTO.value,
+                             help="where the model runs: auto (the GPU when there is one), cpu or cuda")
         command.add_argument("--on-teacher", action="store_true",
                              help="run adapters trained on an emulator base on its teacher instead")
         command.add_argument("--teacher", help="the teacher's spec or folder (default: the one the emulator names); "
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.folder or user_folder(args.state_dir, args.user)
     try:
         personal = load_personal_model(folder, args.base, args.dtype, args.on_teacher or bool(args.teacher),
-                                       args.teacher)
+                                       args.teacher, Device(args.device))
         if args.command == "score":
             texts = [args.text] if args.text is not None else [p for p in args.file.read_text().split("\n\n") if p.strip()]
             if not texts:

@@ -1,6 +1,7 @@
 """Command line: build a compressed base from a recipe, or print a built base's report.
 
     python -m compressor build [--recipe PATH] [--teacher SPEC] [--out DIR] [--cache-dir DIR] [--force]
+                               [--device auto|cpu|cuda]
     python -m compressor report FOLDER
     python -m compressor key [--recipe PATH] [--teacher SPEC]
 """
@@ -17,6 +18,7 @@ from compressor.build import build_compressed_base
 from compressor.cache import compressed_folder
 from compressor.recipe import DEFAULT_RECIPE, RecipeError, load_recipe
 from compressor.report import load_report, print_report
+from shared.device import DEVICES, Device, DeviceUnavailable
 
 
 class CliError(Exception):
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--out", type=Path, default=None, help="also copy the built model folder to DIR")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     build.add_argument("--quiet", action="store_true", help="no progress output")
+    build.add_argument("--device", choices=DEVICES, default=Device.AUTO.value,
+                       help="where healing runs: auto (the GPU when there is one; default), cpu or cuda")
 
     report = commands.add_parser("report", help="print the compression report of a built folder")
     report.add_argument("folder", type=Path)
@@ -53,14 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "key":
             print(compressed_folder(recipe, args.cache_dir))
             return 0
-        folder = build_compressed_base(recipe, cache_dir=args.cache_dir, progress=not args.quiet, force=args.force)
+        folder = build_compressed_base(recipe, cache_dir=args.cache_dir, progress=not args.quiet, force=args.force,
+                                       device=Device(args.device))
         if args.out is not None:
             folder = _copy(folder, args.out)
         if not args.quiet:
             print_report(folder)
         print(folder)
         return 0
-    except (RecipeError, FileNotFoundError, CliError) as error:
+    except (RecipeError, FileNotFoundError, CliError, DeviceUnavailable) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -11,7 +11,8 @@
 6. share block weights (``sharing``; trained shared, saved untied);
 7. zero the smallest weights (``magnitude``; the zeros are kept through healing);
 8. heal on the public text (``heal``, see ``compressor.heal``); an emulator's middle is distilled
-   instead, everything else frozen (``compressor.emulator``);
+   instead, everything else frozen (``compressor.emulator``). This, the build's costly step, runs on
+   the build's device (``device``: the GPU when there is one, by default); the others on the CPU;
 9. save in the recipe's dtype (an emulator also writes its layout, ``emulator.json``), reload with
    plain ``from_pretrained`` and measure what was saved.
 
@@ -34,8 +35,8 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ from compressor.topk import TopKStore, topk_store_path
 from compressor.vocab import trim_vocabulary, used_token_ids, word_form_ids
 from shared.base_files import compressed_recipe, default_cache_dir, is_built, is_recipe_name
 from shared.base_model import DTYPES, load_model, load_tokenizer, materialize_base, weights_hash
+from shared.device import Device, resolve_device
 from shared.training import TokenBlocks, evaluate
 
 RECIPE_FILE = "recipe.toml"
@@ -83,26 +85,30 @@ def build_compressed_base(
     cache_dir: Path | None = None,
     progress: bool = True,
     force: bool = False,
+    device: Device = Device.AUTO,
 ) -> Path:
     """The compressed base folder for ``recipe`` (a Recipe or a TOML path; the shipped default if None).
 
     Returned at once if already built under ``cache_dir`` (``default_cache_dir()`` by default), else
     built into ``<key>.partial`` and renamed (see the module docstring). ``force`` rebuilds. Either
     way the folder is recorded as its recipe file's build, where ``shared.base_model`` finds it.
+    ``device`` is where healing runs (DeviceUnavailable for ``cuda`` without one); it is not part of
+    the cache key: a base built on either is the recipe's base.
     """
+    where = resolve_device(device)  # before anything, cached or not: a wrong --device is an error either way
     recipe = as_recipe(recipe)
     folder = compressed_folder(recipe, cache_dir)
     if not is_built(folder) or force:
-        _build_under_lock(recipe, folder, Path(cache_dir or default_cache_dir()), progress, force)
+        _build_under_lock(recipe, folder, Path(cache_dir or default_cache_dir()), progress, force, where)
     record_build(recipe, folder, cache_dir)
     return folder
 
 
-def prepare_base(spec: str) -> tuple[Path | str, list[str]]:
+def prepare_base(spec: str, device: Device = Device.AUTO) -> tuple[Path | str, list[str]]:
     """(folder or hub id the federation loads, plays the base was healed on) for a base spec.
 
     A compressed spec (``compressed[:recipe.toml]``, ``compressed:<shipped recipe name>``,
-    ``emulator``) is built once, then cached; any other is
+    ``emulator``) is built once (healing on ``device``), then cached; any other is
     resolved by ``shared.base_model``. Callers keep the returned plays out of the federation: the
     base has already seen them.
     """
@@ -110,10 +116,11 @@ def prepare_base(spec: str) -> tuple[Path | str, list[str]]:
     if recipe is None:
         return materialize_base(spec), []
     loaded = load_recipe(shipped_recipe(recipe) if is_recipe_name(recipe) else recipe or None)
-    return build_compressed_base(loaded), list(loaded.public_plays)
+    return build_compressed_base(loaded, device=device), list(loaded.public_plays)
 
 
-def _build_under_lock(recipe: Recipe, folder: Path, cache_dir: Path, progress: bool, force: bool) -> None:
+def _build_under_lock(recipe: Recipe, folder: Path, cache_dir: Path, progress: bool, force: bool,
+                      device: torch.device) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.with_name(folder.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent build of the same key waits, then finds it built
@@ -122,7 +129,7 @@ def _build_under_lock(recipe: Recipe, folder: Path, cache_dir: Path, progress: b
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)  # leftovers of a crashed build
         with Progress(progress) as reporter, quiet_transformers():
-            build = Build(recipe, folder.name, partial, cache_dir, reporter)
+            build = Build(recipe, folder.name, partial, cache_dir, reporter, device)
             for step in STEPS:
                 build.add(step(build))
             build.write_report()
@@ -144,6 +151,7 @@ class Build:
     out: Path
     cache_dir: Path
     progress: Progress
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where healing runs
     start: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
@@ -431,12 +439,14 @@ def heal_student(build: Build) -> dict[str, Any]:
     store = _topk_store(build)
     layer_map = hidden_layer_map(build.keep_indices) if settings.hidden_weight > 0 else None
     budget = _heal_budget(build)
-    with build.stage("heal", f"healing: up to {settings.steps} steps" + (f" or {budget:.0f} s" if budget is not None else "")):
+    with build.stage("heal", f"healing: up to {settings.steps} steps" + (f" or {budget:.0f} s" if budget is not None else "")
+                     + f" on {build.device}"), on_device(build):
         stats = heal(student, build.train_blocks, build.recipe, build.teacher, layer_map, build.masks, store,
                      build.progress, budget)
         if store is not None:
             store.save()
             stats["topk_cache"] = {"blocks_loaded": store.loaded, "blocks_computed": store.computed, "k": store.k}
+        stats["device"] = str(build.device)
         stats["public_train_blocks"] = len(build.train_blocks)
         stats["public_val_blocks"] = len(build.public_val)
         stats["public_val_loss_before"] = round(val_before, 4)
@@ -460,8 +470,9 @@ def _distill_emulator(build: Build) -> dict[str, Any]:
     budget = _heal_budget(build)
     steps = build.recipe.heal.steps
     with build.stage("heal", f"distilling the middle: up to {steps} steps" +
-                     (f" or {budget:.0f} s" if budget is not None else "")):
+                     (f" or {budget:.0f} s" if budget is not None else "") + f" on {build.device}"), on_device(build):
         stats = distill_middle(student, teacher, build.train_blocks, build.recipe, middle, budget, build.progress)
+        stats["device"] = str(build.device)
         stats["public_train_blocks"] = len(build.train_blocks)
         stats["public_val_blocks"] = len(build.public_val)
         stats["public_val_loss_before"] = round(val_before, 4)
@@ -472,6 +483,20 @@ def _distill_emulator(build: Build) -> dict[str, Any]:
                        f"middle's relative error {stats['middle_error_before']} -> {stats['middle_error_after']}")
     build.teacher = None
     return {"eval": {"student_before_heal": before.as_dict()}, "heal": stats}
+
+
+@contextmanager
+def on_device(build: Build) -> Iterator[None]:
+    """The student and the teacher on the build's device inside; both back on the CPU after (saved from there)."""
+    for model in (build.student, build.teacher):
+        if model is not None:
+            model.to(build.device)
+    try:
+        yield
+    finally:
+        build.student.to("cpu")
+        if build.teacher is not None:
+            build.teacher.to("cpu")
 
 
 def _public_loss(model: PreTrainedModel, blocks: torch.Tensor) -> float:

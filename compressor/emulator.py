@@ -24,6 +24,7 @@ from compressor.layers import decoder_layers, select_layers
 from compressor.progress import Progress
 from compressor.recipe import EmulatorSection, Recipe
 from shared.base_files import EmulatorLayout
+from shared.device import model_device
 from shared.training import batch_indices
 
 EVAL_BATCH = 8
@@ -92,7 +93,7 @@ def exit_state(model: PreTrainedModel, block: int, input_ids: torch.Tensor,
 
     handle = decoder_layers(model)[block].register_forward_hook(hook)
     try:
-        logits = model(input_ids=input_ids, use_cache=False).logits
+        logits = model(input_ids=input_ids.to(model_device(model)), use_cache=False).logits
     except _Stop:
         logits = None
     finally:
@@ -115,7 +116,8 @@ class ExitStates:
     def get(self, index: torch.Tensor) -> torch.Tensor:
         missing = index[~self.done[index]]
         if len(missing):
-            self.states[missing] = exit_state(self.teacher, self.block, self.blocks[missing])[0].to(torch.bfloat16)
+            state = exit_state(self.teacher, self.block, self.blocks[missing])[0]
+            self.states[missing] = state.to("cpu", torch.bfloat16)  # kept on the CPU, whatever the teacher is on
             self.done[missing] = True
         return self.states[index]
 
@@ -153,7 +155,8 @@ def distill_middle(student: PreTrainedModel, teacher: PreTrainedModel, train_blo
     distilling = settings.kd_alpha > 0
     cached = None if distilling else ExitStates(teacher, middle.teacher_exit, train_blocks)
     progress = progress or Progress(False)
-    autocast = bfloat16_autocast(settings.autocast)
+    device = model_device(student)
+    autocast = bfloat16_autocast(settings.autocast, device)
     task = progress.task("distilling the middle", settings.steps)
     losses: list[float] = []
     teacher_seconds, stopped_by = 0.0, "steps"
@@ -167,15 +170,15 @@ def distill_middle(student: PreTrainedModel, teacher: PreTrainedModel, train_blo
                 break
             for group in optimizer.param_groups:
                 group["lr"] = scheduled_learning_rate(recipe, step, elapsed, budget)
-            batch = train_blocks[index]
+            batch = train_blocks[index].to(device)
             teacher_start = time.perf_counter()
             if distilling:
                 with torch.no_grad():
                     target, teacher_logits = exit_state(teacher, middle.teacher_exit, batch, with_logits=True)
             else:
-                target = cached.get(index)
+                target = cached.get(index).to(device)
             teacher_seconds += time.perf_counter() - teacher_start
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 hidden, logits = exit_state(student, middle.stop - 1, batch, with_logits=distilling)
             loss = relative_hidden_error(hidden, target)
             if distilling:  # alpha 1: the soft term alone, T^2 x KL

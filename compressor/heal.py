@@ -3,7 +3,8 @@
 Per step the loss is cross-entropy before ``heal.kd_start``, then knowledge distillation from the
 (vocabulary-trimmed) teacher, live or from its cached top-k logits, optionally with hidden-state
 matching. The learning rate warms up, then decays by a cosine over the steps or the time budget,
-whichever runs out first; magnitude-pruning masks are re-applied after every step.
+whichever runs out first; magnitude-pruning masks are re-applied after every step. It runs on the
+device the student is on (the build's ``--device``), each batch moved there from the CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from compressor.magnitude import apply_masks
 from compressor.progress import Progress
 from compressor.recipe import Recipe
 from compressor.topk import TopKStore
+from shared.device import gpu_bfloat16, model_device
 from shared.lm_loss import IGNORE_INDEX, next_token_loss
 from shared.training import batch_indices
 
@@ -118,7 +120,9 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
     distilling = settings.kd_alpha > 0 and teacher is not None
     matching = settings.hidden_weight > 0 and teacher is not None
     progress = progress or Progress(False)
-    autocast = bfloat16_autocast(settings.autocast)
+    device = model_device(student)
+    masks = [(parameter, mask.to(device)) for parameter, mask in masks]
+    autocast = bfloat16_autocast(settings.autocast, device)
     task = progress.task("healing", settings.steps)
     losses: list[float] = []
     kd_steps, teacher_seconds, stopped_by = 0, 0.0, "steps"
@@ -129,7 +133,7 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
         if budget is not None and elapsed > budget:
             stopped_by = "time_budget"
             break
-        batch = train_blocks[index]
+        batch = train_blocks[index].to(device)
         for group in optimizer.param_groups:
             group["lr"] = scheduled_learning_rate(recipe, step, elapsed, budget)
         use_teacher = step >= kd_from and (distilling or matching)
@@ -137,17 +141,17 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
         teacher_out = topk = None
         if use_teacher:
             if topk_store is not None and not matching:
-                topk = topk_store.get(teacher, index)
+                topk = tuple(part.to(device) for part in topk_store.get(teacher, index))
             else:
                 with torch.no_grad():  # autocast would re-cast the weights every pass: see teacher_dtype
                     teacher_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=matching)
         teacher_seconds += time.perf_counter() - teacher_start
         labels = batch[:, 1:]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             if not use_teacher:
                 # Cross-entropy alone: the head and the loss in chunks, gradient in closed form (no
                 # autograd pass over the batch's float32 logits).
-                loss = next_token_loss(student, batch, None, batch, torch.tensor(labels.numel()),
+                loss = next_token_loss(student, batch, None, batch, torch.tensor(labels.numel(), device=device),
                                        chunk_positions=HEALING_LOSS_CHUNK)
             else:
                 out = student(input_ids=batch, use_cache=False, output_hidden_states=matching)
@@ -179,13 +183,18 @@ def _heal_steps(student: PreTrainedModel, train_blocks: torch.Tensor, recipe: Re
     return {**stats, "bf16_autocast": autocast}
 
 
-def bfloat16_autocast(wanted: bool) -> bool:
-    """Whether to run the student under bf16 autocast: when the recipe asks and the CPU multiplies bf16 natively.
+def bfloat16_autocast(wanted: bool, device: torch.device = torch.device("cpu")) -> bool:
+    """Whether to run the student under bf16 autocast: when the recipe asks and ``device`` multiplies bf16 natively.
 
-    Without AVX-512 BF16 or AMX, torch emulates bf16 matrix products at a small fraction of float32's
-    speed, and a time-budgeted healing would end after a handful of steps.
+    On the CPU that takes AVX-512 BF16 or AMX: without them torch emulates bf16 matrix products at a
+    small fraction of float32's speed, and a time-budgeted healing would end after a handful of
+    steps. On a GPU, bf16 support (Ampere or later).
     """
-    return wanted and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if not wanted:
+        return False
+    if device.type == "cuda":
+        return gpu_bfloat16(device)
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def optimizer_step(loss: torch.Tensor, parameters: Sequence[nn.Parameter], optimizer: torch.optim.Optimizer,

@@ -169,7 +169,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- loss: {loss}; batch {settings['batch_size']} x {settings['seq_len']} tokens, lr "
             f"{settings['learning_rate']}, autocast bf16 {settings['autocast']}",
             f"- {heal['steps_done']} of {heal['steps_planned']} steps ({heal['kd_steps']} distilling) in "
-            f"{heal['seconds']} s ({heal['seconds_per_step']} s/step, teacher {heal['teacher_seconds']} s); "
+            f"{heal['seconds']} s on {heal.get('device', 'cpu')} ({heal['seconds_per_step']} s/step, teacher "
+            f"{heal['teacher_seconds']} s); "
             f"stopped by {heal['stopped_by'].replace('_', ' ')}; {heal['tokens_seen']} tokens seen",
             f"- train loss {heal['train_loss_first']} (first step) -> {heal['train_loss_last10pct']} (last 10%); "
             f"public held-out loss ({heal['public_val_blocks']} blocks) {heal['public_val_loss_before']} -> "

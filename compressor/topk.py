@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from shared.device import model_device
+
 
 def topk_store_path(cache_dir: Path, key: dict[str, Any]) -> Path:
     """The store's file under ``cache_dir``, named by a hash of what decides its contents."""
@@ -51,10 +53,10 @@ class TopKStore:
         """The top-k (values, ids) of the blocks at ``index``, running the teacher on those not yet stored."""
         missing = index[~self.filled[index]]
         if len(missing):
-            logits = teacher(input_ids=self.blocks[missing], use_cache=False).logits
+            logits = teacher(input_ids=self.blocks[missing].to(model_device(teacher)), use_cache=False).logits
             values, indices = logits.float().topk(self.k, dim=-1)
-            self.values[missing] = values.to(self.values.dtype)
-            self.indices[missing] = indices.to(torch.int32)
+            self.values[missing] = values.to("cpu", self.values.dtype)  # the store stays on the CPU, saved as is
+            self.indices[missing] = indices.to("cpu", torch.int32)
             self.filled[missing] = True
             self.computed += len(missing)
         return self.values[index].float(), self.indices[index]

@@ -1,7 +1,8 @@
 """Aggregation groups, their rules and the rules' state, and the poisoning defence: small helpers the strategy composes.
 
 Aggregation is Flower's: FedAvg (McMahan et al., 2017, https://arxiv.org/abs/1602.05629), FedProx,
-FedAdam or FedYogi (Reddi et al., 2021), or one of its Byzantine-robust rules (FedMedian,
+FedAdam, FedYogi or FedAdagrad (Reddi et al., 2021), FedAvgM (Hsu et al., 2019,
+https://arxiv.org/abs/1909.06335), or one of its Byzantine-robust rules (FedMedian,
 FedTrimmedAvg, Krum, MultiKrum, Bulyan), one instance per aggregation group, used only for its
 aggregation step. A group is the global adapter or, for per-domain methods, one domain's adapter
 (``shared.methods.group_of``). Like Flower's ``strategy_utils``, nothing here talks to the grid or
@@ -15,8 +16,14 @@ User-level differential privacy wraps the rule in one of Flower's DP wrappers (`
 they clip each update's change from what its client received and add Gaussian noise to the
 aggregate; the accounting is server/privacy.py's.
 
+Replies from devices of lower LoRA rank arrive padded to the run's rank (server/strategy.py); before
+the rule sees them, the components a device lacks are filled with the per-component average of the
+devices that have them (``shared.ranks.fill_missing``), so the rule aggregates each component over
+those devices only (HetLoRA, docs/communication.md).
+
 Ledger checkpoints are keyed by a "domain" string: "" for the global adapter, the domain's name for
-its adapter, and ``optimizer:<group>`` for a server optimizer's moments.
+its adapter, and ``optimizer:<group>`` for a server optimizer's state (FedAdam's, FedYogi's and
+FedAdagrad's moments, FedAvgM's momentum).
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (Bulyan, DifferentialPrivacyClientSideFixedClipping,
                                      DifferentialPrivacyServerSideAdaptiveClipping,
-                                     DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedMedian, FedProx,
-                                     FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
+                                     DifferentialPrivacyServerSideFixedClipping, FedAdagrad, FedAdam, FedAvg, FedAvgM,
+                                     FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
+from flwr.serverapp.strategy.fedopt import FedOpt
 
 from server.privacy import PrivacySettings
 from shared.adapters import AdapterUpdateError
 from shared.methods import GLOBAL_GROUP, Aggregation, DpMode
+from shared.ranks import adapter_rank, fill_missing
 
 TRAIN_METRICS = frozenset({"num-examples", "train-loss", "train-steps", "eval-loss-before", "eval-loss",
                            "eval-perplexity", "eval-accuracy", "eval-tokens", "seconds", "peak-rss-mb"})
@@ -48,6 +57,7 @@ OPTIONAL_METRICS = frozenset({"personal-best-step", "personal-steps", "shared-pe
                               "cache-temperature", "cache-neighbours", "cache-validation-loss", "cache-keys"})
 MAX_EXAMPLES = 10**9  # a client claiming more is lying about its weight in the average
 OPTIMIZER_PREFIX = "optimizer:"
+MOMENTUM = "momentum/"  # FedAvgM's state in an optimizer checkpoint
 DOMAIN_PREFIX = "domain:"
 
 
@@ -135,9 +145,12 @@ class MultiKrumKeepingHonest(MultiKrum):
 
 
 def make_rule(aggregation: Aggregation, server_learning_rate: float = 0.01, proximal_mu: float = 0.01,
-              trim_beta: float = 0.2, byzantine_clients: int = 0, krum_keep: int = 0) -> Strategy:
+              trim_beta: float = 0.2, byzantine_clients: int = 0, krum_keep: int = 0,
+              server_momentum: float = 0.9) -> Strategy:
     """A Flower strategy used only for its aggregation step (sampling is done by the caller).
 
+    ``server_learning_rate``: the server optimizer's step (FedAdam's, FedYogi's and FedAdagrad's eta,
+    FedAvgM's learning rate); ``server_momentum``: FedAvgM's momentum.
     ``trim_beta``: FedTrimmedAvg's cut from each tail; ``byzantine_clients``: the f that Krum,
     MultiKrum and Bulyan tolerate; ``krum_keep``: the replies MultiKrum averages (0: n - f).
     """
@@ -148,6 +161,9 @@ def make_rule(aggregation: Aggregation, server_learning_rate: float = 0.01, prox
         Aggregation.FEDPROX: lambda: FedProx(proximal_mu=proximal_mu, **common),  # the clients add the proximal term
         Aggregation.FEDADAM: lambda: FedAdam(eta=server_learning_rate, **common),
         Aggregation.FEDYOGI: lambda: FedYogi(eta=server_learning_rate, **common),
+        Aggregation.FEDADAGRAD: lambda: FedAdagrad(eta=server_learning_rate, **common),
+        Aggregation.FEDAVGM: lambda: FedAvgM(server_learning_rate=server_learning_rate, server_momentum=server_momentum,
+                                             **common),
         Aggregation.FEDMEDIAN: lambda: FedMedian(**common),
         Aggregation.FEDTRIMMEDAVG: lambda: FedTrimmedAvg(beta=trim_beta, **common),
         Aggregation.KRUM: lambda: Krum(**f, **common),
@@ -237,20 +253,37 @@ def copy_for_rule(reply: Message, order: Iterable[str]) -> Message:
     return Message(metadata=reply.metadata, content=content)
 
 
-def aggregate_group(rule: Strategy, server_round: int, current: ArrayRecord, replies: list[Message]) -> ArrayRecord | None:
+def aggregate_group(rule: Strategy, server_round: int, current: ArrayRecord, replies: list[Message],
+                    ranks: Sequence[int] | None = None) -> ArrayRecord | None:
     """One group's new adapter: the rule's aggregate of its replies, starting from ``current``.
 
+    ``ranks[i]``: the LoRA rank ``replies[i]``'s device trained (None: all at ``current``'s rank).
     None when the rule declines (Flower's Bulyan with fewer than 4f + 3 replies).
     """
     # Flower's own configure_train would record what the clients started from, but the caller
     # samples and sends the messages itself: a server optimizer steps from it, and Flower's
     # server-side DP wrappers clip each update's change from it.
-    if isinstance(rule, (FedAdam, FedYogi)):
+    if isinstance(rule, FedOpt):  # FedAdam, FedYogi, FedAdagrad
         rule.current_arrays = {key: array.numpy() for key, array in current.items()}
+    if isinstance(rule, FedAvgM):
+        rule.current_arrays = current
     if isinstance(rule, (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping)):
         rule.current_arrays = current
-    arrays, _ = rule.aggregate_train(server_round, [copy_for_rule(reply, current.keys()) for reply in replies])
+    copies = [copy_for_rule(reply, current.keys()) for reply in replies]
+    full = adapter_rank({key: tuple(array.shape) for key, array in current.items()})
+    if ranks is not None and full is not None and any(rank < full for rank in ranks):
+        fill_lower_ranks(copies, ranks, current)
+    arrays, _ = rule.aggregate_train(server_round, copies)
     return arrays
+
+
+def fill_lower_ranks(copies: list[Message], ranks: Sequence[int], current: ArrayRecord) -> None:
+    """Fill, in the rule's copies, each rank component a device lacks with the average of those that have it."""
+    weights = [float(copy.content["metrics"]["num-examples"]) for copy in copies]
+    filled = fill_missing([{key: array.numpy() for key, array in copy.content["arrays"].items()} for copy in copies],
+                          ranks, weights, {key: array.numpy() for key, array in current.items()})
+    for copy, tensors in zip(copies, filled, strict=True):
+        copy.content["arrays"] = ArrayRecord({key: Array(tensors[key]) for key in current.keys()})
 
 
 def mix(domain: ArrayRecord, global_: ArrayRecord, weight: float) -> ArrayRecord:
@@ -260,19 +293,32 @@ def mix(domain: ArrayRecord, global_: ArrayRecord, weight: float) -> ArrayRecord
 
 
 def optimizer_state(rule: Strategy) -> dict[str, np.ndarray]:
-    """A server optimizer's moments as flat tensors (``m/<key>``, ``v/<key>``); empty before its first step."""
-    if not isinstance(rule, (FedAdam, FedYogi)) or not rule.m_t:
-        return {}
-    return {f"m/{k}": v for k, v in rule.m_t.items()} | {f"v/{k}": v for k, v in (rule.v_t or {}).items()}
+    """A server optimizer's state as flat tensors; empty before its first step.
+
+    FedAdam's, FedYogi's and FedAdagrad's moments as ``m/<key>`` and ``v/<key>``; FedAvgM's momentum
+    as ``momentum/<key>`` (Flower keeps it as a list in the order of the adapter's keys).
+    """
+    if isinstance(rule, FedOpt) and rule.m_t:
+        return {f"m/{k}": v for k, v in rule.m_t.items()} | {f"v/{k}": v for k, v in (rule.v_t or {}).items()}
+    if isinstance(rule, FedAvgM) and rule.momentum_vector is not None and rule.current_arrays is not None:
+        return {f"{MOMENTUM}{k}": v for k, v in zip(rule.current_arrays.keys(), rule.momentum_vector, strict=True)}
+    return {}
 
 
-def load_optimizer_state(rule: Strategy, tensors: Mapping[str, np.ndarray]) -> None:
-    """Put moments saved by ``optimizer_state`` back, so the next step is the one an unbroken run takes."""
-    if not isinstance(rule, (FedAdam, FedYogi)):
-        raise ValueError(f"the run being resumed saved server-optimizer moments, which {type(rule).__name__} cannot "
-                         "use; resume it with the aggregation it was started with")
-    rule.m_t = {k.removeprefix("m/"): v for k, v in tensors.items() if k.startswith("m/")}
-    rule.v_t = {k.removeprefix("v/"): v for k, v in tensors.items() if k.startswith("v/")}
+def load_optimizer_state(rule: Strategy, tensors: Mapping[str, np.ndarray], keys: Iterable[str]) -> None:
+    """Put state saved by ``optimizer_state`` back, so the next step is the one an unbroken run takes.
+
+    ``keys``: the group's adapter keys in the order its rule will receive them (FedAvgM's momentum
+    is positional).
+    """
+    if isinstance(rule, FedOpt):
+        rule.m_t = {k.removeprefix("m/"): v for k, v in tensors.items() if k.startswith("m/")}
+        rule.v_t = {k.removeprefix("v/"): v for k, v in tensors.items() if k.startswith("v/")}
+    elif isinstance(rule, FedAvgM) and all(k.startswith(MOMENTUM) for k in tensors):
+        rule.momentum_vector = [tensors[MOMENTUM + key] for key in keys]
+    else:
+        raise ValueError(f"the run being resumed saved server-optimizer state ({sorted(tensors)[:2]}...), which "
+                         f"{type(rule).__name__} cannot use; resume it with the aggregation it was started with")
 
 
 def checkpoint_domain(group: str) -> str:
@@ -304,26 +350,29 @@ class GroupAdapters:
             self.rules[group] = self.new_rule()
         return self.rules[group]
 
-    def aggregate(self, server_round: int, replies: list[Message], groups: list[str]) -> list[str]:
+    def aggregate(self, server_round: int, replies: list[Message], groups: list[str],
+                  ranks: Sequence[int] | None = None) -> list[str]:
         """One round: the global aggregate of every reply, then each domain's, mixed with the global one.
 
-        ``groups[i]`` is the group of ``replies[i]``. Returns the groups whose rule declined to
-        aggregate (they keep their adapter).
+        ``groups[i]`` is the group of ``replies[i]``, ``ranks[i]`` the LoRA rank its device trained
+        (None: all at the adapters' rank). Returns the groups whose rule declined to aggregate (they
+        keep their adapter).
         """
-        by_group: dict[str, list[Message]] = {}
-        for reply, group in zip(replies, groups, strict=True):
-            by_group.setdefault(group, []).append(reply)
+        by_group: dict[str, list[int]] = {}  # group -> the indices of its replies
+        for index, group in enumerate(groups):
+            by_group.setdefault(group, []).append(index)
         previous_global = self.adapters[GLOBAL_GROUP]
         declined: list[str] = []
-        new_global = aggregate_group(self.rule(GLOBAL_GROUP), server_round, previous_global, replies)
+        new_global = aggregate_group(self.rule(GLOBAL_GROUP), server_round, previous_global, replies, ranks)
         if new_global is None:
             declined.append(GLOBAL_GROUP)
         self.adapters[GLOBAL_GROUP] = previous_global if new_global is None else new_global
-        for group, group_replies in sorted(by_group.items()):
+        for group, indices in sorted(by_group.items()):
             if group == GLOBAL_GROUP:
                 continue
             current = self.adapters.get(group, previous_global)  # a new domain starts where its nodes started
-            aggregate = aggregate_group(self.rule(group), server_round, current, group_replies)
+            aggregate = aggregate_group(self.rule(group), server_round, current, [replies[i] for i in indices],
+                                        None if ranks is None else [ranks[i] for i in indices])
             if aggregate is None:
                 declined.append(group)
                 aggregate = current
@@ -340,9 +389,11 @@ class GroupAdapters:
         return saved
 
     def restore(self, checkpoints: Mapping[str, Mapping[str, np.ndarray]]) -> None:
-        """Load what ``checkpoints`` returned."""
+        """Load what ``checkpoints`` returned: the adapters first, as a rule's state follows its adapter's keys."""
+        for domain, tensors in checkpoints.items():
+            if not domain.startswith(OPTIMIZER_PREFIX):
+                self.adapters[group_of_checkpoint(domain)] = ArrayRecord({k: Array(v) for k, v in tensors.items()})
         for domain, tensors in checkpoints.items():
             if domain.startswith(OPTIMIZER_PREFIX):
-                load_optimizer_state(self.rule(domain.removeprefix(OPTIMIZER_PREFIX)), tensors)
-            else:
-                self.adapters[group_of_checkpoint(domain)] = ArrayRecord({k: Array(v) for k, v in tensors.items()})
+                group = domain.removeprefix(OPTIMIZER_PREFIX)
+                load_optimizer_state(self.rule(group), tensors, self.adapters[group].keys())

@@ -9,8 +9,10 @@ from flwr.serverapp import Grid, ServerApp
 from peft import PeftModel
 
 from server.aggregation import NormBound, checkpoint_domain
-from server.ledger import Ledger
+from server.ledger import CheckpointPolicy, Ledger
 from server.privacy import PrivacySettings
+from server.progress import ProgressGrid
+from server.secure import run_secure_rounds
 from server.strategy import FederatedAdapters, ResumedRounds
 from shared.adapters import (adapter_state, attach_adapter, base_lora_config, expected_shapes, load_arrays,
                              save_adapter, to_arrays)
@@ -65,6 +67,8 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_rounds=config.evaluate_rounds,
         domain_mix=config.domain_mix,
         server_learning_rate=config.server_learning_rate,
+        server_momentum=config.server_momentum,
+        codecs=config.codecs,
         proximal_mu=config.proximal_mu,
         norm_bound=NormBound(config.max_update_norm, config.norm_bound_relative, clip=config.norm_bound_mode == "clip"),
         example_weights=ExampleWeights(config.example_weights),
@@ -73,20 +77,25 @@ def main(grid: Grid, context: Context) -> None:
         byzantine_clients=config.byzantine_clients,
         krum_keep=config.krum_keep,
         privacy=privacy,
+        checkpoints=CheckpointPolicy(config.checkpoint_every, last=config.num_server_rounds),
         fraction_train=config.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=config.min_train_nodes,
         min_evaluate_nodes=config.available_nodes,
         min_available_nodes=config.available_nodes,
     )
-    done = ledger.resume_run(run_id, context.run_id) if config.resume_run else 0
+    done = ledger.resume_run(run_id, context.run_id, from_checkpoint=method_.sends_arrays) if config.resume_run else 0
     strategy.restore(done)
     initial = strategy.groups.get(GLOBAL_GROUP) or to_arrays(adapter_state(adapter))
     announced = ConfigRecord({"base-hash": base_hash})
     try:
-        (ResumedRounds(strategy, done) if done else strategy).start(
-            grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds - done, timeout=config.round_timeout,
-            train_config=announced, evaluate_config=ConfigRecord(dict(announced)))
+        if config.secure_aggregation:  # Flower's SecAgg+ trains, the strategy above evaluates (server/secure.py)
+            run_secure_rounds(grid, context, strategy, config, initial, announced)
+        else:
+            (ResumedRounds(strategy, done) if done else strategy).start(
+                grid=ProgressGrid(grid, ledger, run_id), initial_arrays=initial,  # replies counted as they arrive
+                num_rounds=config.num_server_rounds - done,
+                timeout=config.round_timeout, train_config=announced, evaluate_config=ConfigRecord(dict(announced)))
     except BaseException as error:
         ledger.record_event(run_id, "run-failed", f"{type(error).__name__}: {error}")
         ledger.finish_run(run_id, "failed")

@@ -12,11 +12,17 @@ server needs:
   recorded, and bounded (rejected or clipped); a client's claimed example count buys the weight the
   example-weight policy allows (the ledger keeps the claim); Flower's robust rules can aggregate;
 - per-node payloads: each node receives its group's adapter, and only the tensors the method shares;
+- coded payloads (``update-codec``, ``downlink-codec``; shared/codec.py): a coded reply is decoded and
+  checked as strictly as a plain one, adapters go out coded, and the ledger counts bytes as they travel;
+- heterogeneous ranks (shared/ranks.py): a device declares its LoRA rank (``lora-r`` in its reply's
+  identity), at most the run's; once known it is sent its adapter cut to that rank, its reply must have
+  exactly that rank, and it is padded back and aggregated per rank component (HetLoRA);
 - user-level differential privacy (docs/trust.md): after the checks above, one of Flower's DP wrappers
   clips and noises the global aggregate (server/aggregation.py); each release is accounted
   (server/privacy.py) and recorded, against the run and each user, and a user at ``dp-user-budget`` is
   no longer sampled;
-- a ledger row for every round and client result, failures included, and a checkpoint per group.
+- a ledger row for every round and client result, failures included, written in one transaction per
+  round and phase, and a checkpoint per group on the rounds ``checkpoints`` names.
 
 Further behaviour comes as Flower-style wrappers that take a ``strategy``: ``ResumedRounds`` numbers
 the rounds of a run resumed after a crash.
@@ -38,14 +44,18 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from server.aggregation import (EVALUATE_METRICS, OPTIONAL_METRICS, TRAIN_METRICS, GroupAdapters, NormBound,
                                 check_metrics, clip_update, make_rule, update_norm, with_privacy)
-from server.ledger import Ledger, PrivacyChargeRecord, PrivacyRoundRecord
+from server.ledger import CheckpointPolicy, Ledger, PrivacyChargeRecord, PrivacyRoundRecord
 from server.privacy import PrivacyAccount, PrivacySettings, Release
-from shared.adapters import AdapterUpdateError, array_nbytes, check_update
+from shared.adapters import AdapterUpdateError, array_nbytes, check_update, receive_update
+from shared.codec import Codecs, decode, encode
 from shared.methods import GLOBAL_GROUP, Aggregation, ExampleWeights, Method, group_of
+from shared.ranks import adapter_rank, pad, shapes_at_rank, truncate
 
 
 # A device's float32 arithmetic (received + clipped change) can land a hair over the clipping norm.
 DEVICE_CLIPPING_TOLERANCE = 1e-3
+# The round metric holding the seconds of the server's own work in a round's training phase.
+SERVER_SECONDS = "server-seconds"
 
 
 class NodeWaitTimeout(TimeoutError):
@@ -85,6 +95,7 @@ class Screened:
     metrics: MetricRecord  # the reply's own record: the example-weight policy rewrites its num-examples
     norm: float = 0.0  # of the update's change from what the node received (train)
     clipped_to: float | None = None
+    bytes_up: int = 0  # its arrays as they came over the wire (coded, before decoding)
 
 
 class ResumedRounds(Strategy):
@@ -128,7 +139,7 @@ class FederatedAdapters(FedAvg):
     adapter_shapes : Mapping[str, tuple[int, ...]]
         Keys and shapes of the full shared adapter; replies must carry exactly the shared part.
     aggregation : Aggregation
-        Flower rule that aggregates each group: FedAvg, FedProx, FedAdam, FedYogi, or a robust one.
+        Flower rule that aggregates each group: FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad, FedAvgM, or a robust one.
     max_update_bytes : int
         Largest accepted update.
     node_wait_seconds : float
@@ -137,8 +148,8 @@ class FederatedAdapters(FedAvg):
         Rounds after which every node scores its model under the method (and the base alone).
     domain_mix : float
         For per-domain methods, the weight of the domain aggregate against the global one (1: pure domain).
-    server_learning_rate, proximal_mu : float
-        Passed to FedAdam/FedYogi (eta) and FedProx.
+    server_learning_rate, server_momentum, proximal_mu : float
+        Passed to FedAdam/FedYogi/FedAdagrad (eta) or FedAvgM (learning rate, momentum), and FedProx.
     norm_bound : NormBound
         The bound on each update's norm of change from what its node received (off by default).
     example_weights : ExampleWeights
@@ -149,6 +160,11 @@ class FederatedAdapters(FedAvg):
     privacy : PrivacySettings
         User-level differential privacy (off by default): the Flower DP wrapper around the global rule,
         the accountant's delta and each user's budget.
+    checkpoints : CheckpointPolicy
+        The rounds whose adapters and server-optimizer state go to the ledger (default: every round).
+    codecs : Codecs
+        How adapters travel (shared/codec.py): replies are decoded and checked, adapters sent encoded,
+        and the ledger counts the coded bytes (default: float32 both ways).
     **fedavg_args
         Passed to FedAvg (fraction_train, min_train_nodes, ...).
     """
@@ -159,10 +175,14 @@ class FederatedAdapters(FedAvg):
                  domain_mix: float = 1.0, server_learning_rate: float = 0.01, proximal_mu: float = 0.01,
                  norm_bound: NormBound = NormBound(), example_weights: ExampleWeights = ExampleWeights.CLAIMED, max_examples_per_client: int = 0,
                  trim_beta: float = 0.2, byzantine_clients: int = 0, krum_keep: int = 0,
-                 privacy: PrivacySettings = PrivacySettings(), **fedavg_args) -> None:
+                 privacy: PrivacySettings = PrivacySettings(), checkpoints: CheckpointPolicy = CheckpointPolicy(),
+                 server_momentum: float = 0.9, codecs: Codecs = Codecs(), **fedavg_args) -> None:
         super().__init__(**fedavg_args)
         self.ledger, self.run_id, self.method = ledger, run_id, method
         self.expected_shapes = {key: shape for key, shape in adapter_shapes.items() if method.shared_key(key)}
+        self.rank = adapter_rank(self.expected_shapes)  # the run's lora-r; None when nothing shared has a rank
+        self.node_ranks: dict[int, int] = {}  # the rank each node declared in its last well-formed train reply
+        self._ranks_sent: dict[int, int] = {}  # node -> the rank of the adapter its current message carries
         self.max_update_bytes = max_update_bytes
         self.node_wait_seconds = node_wait_seconds
         self.evaluate_rounds = evaluate_rounds
@@ -170,14 +190,19 @@ class FederatedAdapters(FedAvg):
         self.example_weights, self.max_examples_per_client = example_weights, max_examples_per_client
         self.group_adapters = GroupAdapters(
             lambda: with_privacy(make_rule(aggregation, server_learning_rate, proximal_mu, trim_beta=trim_beta,
-                                           byzantine_clients=byzantine_clients, krum_keep=krum_keep), privacy),
+                                           byzantine_clients=byzantine_clients, krum_keep=krum_keep,
+                                           server_momentum=server_momentum), privacy),
             domain_mix)
+        self.codecs = codecs
+        self._adapters_sent: dict[int, ArrayRecord] = {}  # node -> the adapter its train message carries, uncoded
         self.privacy = PrivacyAccount(privacy)
+        self.checkpoints = checkpoints
         self.node_groups: dict[int, str] = {}  # learned from the domain each node declares
         self.node_users: dict[int, str] = {}  # learned from the user-id each node declares
         self._stopped_users: set[str] = set()  # at their budget, their event recorded
         self._sent: dict[str, list[Message]] = {}  # phase -> messages of the current round
         self._available = 0  # nodes the current round sampled from
+        self._configure_seconds = 0.0  # the server's own work in the current round's configure_train
 
     @property
     def groups(self) -> dict[str, ArrayRecord]:
@@ -223,9 +248,30 @@ class FederatedAdapters(FedAvg):
         return self.groups.get(self.node_groups.get(node_id, GLOBAL_GROUP), self.groups[GLOBAL_GROUP])
 
     def _messages(self, template: Iterable[Message], config: ConfigRecord, message_type: str) -> list[Message]:
-        return [Message(content=RecordDict({self.arrayrecord_key: self.payload_for(m.metadata.dst_node_id),
-                                            self.configrecord_key: config}),
-                        message_type=message_type, dst_node_id=m.metadata.dst_node_id) for m in template]
+        """A message per sampled node with its adapter, coded by ``downlink-codec`` (each adapter encoded once)."""
+        coded: dict[tuple[int, int | None], ArrayRecord] = {}
+        messages = []
+        for node in (m.metadata.dst_node_id for m in template):
+            adapter, rank = self.payload_for(node), self.node_ranks.get(node, self.rank)
+            self._ranks_sent[node] = rank
+            if (id(adapter), rank) not in coded:
+                coded[id(adapter), rank] = self._coded(self._at_rank(adapter, rank))
+            messages.append(Message(content=RecordDict({self.arrayrecord_key: coded[id(adapter), rank],
+                                                        self.configrecord_key: config}),
+                                    message_type=message_type, dst_node_id=node))
+        return messages
+
+    def _at_rank(self, adapter: ArrayRecord, rank: int | None) -> ArrayRecord:
+        """The adapter cut to a device's rank (its first ``rank`` components; the adapter itself at the run's)."""
+        if rank == self.rank:
+            return adapter
+        return ArrayRecord({key: Array(value) for key, value in
+                            truncate({key: array.numpy() for key, array in adapter.items()}, rank).items()})
+
+    def _coded(self, adapter: ArrayRecord) -> ArrayRecord:
+        if self.codecs.down.lossless:
+            return adapter  # the adapter itself, as ever
+        return encode({key: array.numpy() for key, array in adapter.items()}, self.codecs.down)
 
     def _shared_part(self, arrays: ArrayRecord) -> ArrayRecord:
         return ArrayRecord({key: arrays[key] for key in arrays.keys() if self.method.shared_key(key)})
@@ -236,6 +282,7 @@ class FederatedAdapters(FedAvg):
         self.groups.setdefault(GLOBAL_GROUP, self._shared_part(arrays))
         needed = max(self.min_available_nodes, self.min_train_nodes)
         wait_for_nodes(grid, needed, self.node_wait_seconds)
+        started = time.perf_counter()  # the server's own work from here: sampling, payloads, the ledger
         if self.privacy.settings.mode.clips_on_device:
             config[KEY_CLIPPING_NORM] = self.privacy.settings.clipping_norm  # what Flower's fixedclipping_mod reads
         within = WithinBudget(grid, self._over_budget(server_round, grid))
@@ -249,14 +296,21 @@ class FederatedAdapters(FedAvg):
         self._available = len(within.available)
         messages = self._messages(template, config, MessageType.TRAIN)
         self._sent["train"] = messages
+        self._adapters_sent = {m.metadata.dst_node_id: self.payload_for(m.metadata.dst_node_id) for m in messages}
         self.ledger.start_round(self.run_id, server_round, clients_sampled=len(messages),
                                 bytes_down=sum(array_nbytes(m.content[self.arrayrecord_key]) for m in messages))
+        self._configure_seconds = time.perf_counter() - started
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        with self.ledger.batch():  # the round's results, events, checkpoints and outcome: one commit
+            return self._aggregate_train(server_round, replies)
+
+    def _aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        started = time.perf_counter()
         replies = list(replies)
-        accepted = self._accept(server_round, self._bounded(server_round, self._screen(server_round, replies, "train")),
-                                "train")
+        screened = self._bounded(server_round, self._screen(server_round, replies, "train"))
+        accepted = self._accept(server_round, screened, "train")
         failed = len(replies) - len(accepted) + self._record_missing(server_round, replies, "train")
         metrics = self.train_metrics_aggr_fn([r.content for r in accepted], self.weighted_by_key) if accepted else None
         if not accepted:
@@ -267,20 +321,26 @@ class FederatedAdapters(FedAvg):
             self._aggregate_groups(server_round, accepted)
             if clipping_norm is not None:
                 self._charge(server_round, clipping_norm)
+        # Validation, aggregation and ledger writes of the round (its final commit aside): benchmarks/scale.py
+        server_seconds = self._configure_seconds + time.perf_counter() - started
         self.ledger.finish_round(self.run_id, server_round, clients_replied=len(accepted), clients_failed=failed,
-                                 metrics=dict(metrics or {}),
-                                 bytes_up=sum(array_nbytes(r.content[self.arrayrecord_key]) for r in accepted))
+                                 metrics={**(metrics or {}), SERVER_SECONDS: server_seconds},
+                                 bytes_up=sum(item.bytes_up for item in screened))
         return self.groups[GLOBAL_GROUP], metrics
 
     def _aggregate_groups(self, server_round: int, accepted: list[Message]) -> None:
-        """Aggregate every group (server/aggregation.py) and checkpoint all a resumed run needs."""
+        """Aggregate every group (server/aggregation.py) and, on a checkpoint round, store all a resumed run needs."""
         groups = [group_of(self.method, _text(reply.content.config_records.get("identity", ConfigRecord()), "domain"))
                   for reply in accepted]
         for reply, group in zip(accepted, groups, strict=True):
             self.node_groups[self._node_of(reply, "train")] = group
-        for group in self.group_adapters.aggregate(server_round, accepted, groups):
+        ranks = None if self.rank is None else [self.node_ranks.get(self._node_of(reply, "train"), self.rank)
+                                                 for reply in accepted]
+        for group in self.group_adapters.aggregate(server_round, accepted, groups, ranks):
             self.ledger.record_event(self.run_id, "group-not-aggregated", f"the rule declined to aggregate group "
                                      f"{group!r} (too few replies for it); its adapter is kept", round_number=server_round)
+        if not self.checkpoints.due(server_round):
+            return
         for domain, tensors in self.group_adapters.checkpoints().items():
             self.ledger.save_checkpoint(self.run_id, server_round, tensors, domain=domain)
 
@@ -337,6 +397,10 @@ class FederatedAdapters(FedAvg):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        with self.ledger.batch():
+            return self._aggregate_evaluate(server_round, replies)
+
+    def _aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         accepted = self._accept(server_round, self._screen(server_round, replies, "evaluate"), "evaluate")
         self._record_missing(server_round, replies, "evaluate")
@@ -361,9 +425,54 @@ class FederatedAdapters(FedAvg):
                    if m.metadata.dst_node_id == node_id)
 
     def _received(self, node_id: int) -> dict[str, np.ndarray]:
-        """The shared tensors this node was sent for training this round."""
-        request = next(m for m in self._sent["train"] if m.metadata.dst_node_id == node_id)
-        return {key: array.numpy() for key, array in request.content[self.arrayrecord_key].items()}
+        """The shared tensors this node was sent for training this round, as the server holds them (uncoded)."""
+        return {key: array.numpy() for key, array in self._adapters_sent[node_id].items()}
+
+    def _decode_update(self, reply: Message, node_id: int) -> None:
+        """Check a train reply's arrays at its device's rank; replace them by the full-rank adapter they stand for.
+
+        A coded reply's arrays are decoded (float32); a lower-rank one is padded with what the server
+        sent beyond its rank (shared/ranks.py), so its change there is zero.
+        """
+        arrays = reply.content[self.arrayrecord_key]
+        rank = self._declared_rank(reply, node_id)
+        shapes = self.expected_shapes if rank == self.rank else shapes_at_rank(self.expected_shapes, rank)
+        if self.codecs.plain:  # the reply is the trained adapter itself
+            adapter = check_update(arrays, shapes, self.max_update_bytes)
+        else:
+            sent = self._at_rank_tensors(self._received(node_id), rank)
+            got = sent  # what the node decoded from its message
+            if not self.codecs.down.lossless:
+                request = next(m for m in self._sent["train"] if m.metadata.dst_node_id == node_id)
+                sent_shapes = shapes_at_rank(self.expected_shapes, self._ranks_sent[node_id])
+                got = self._at_rank_tensors(decode(request.content[self.arrayrecord_key], sent_shapes,
+                                                   self.codecs.down), rank)
+            adapter = receive_update(arrays, sent, got, self.codecs, self.max_update_bytes)
+        if rank is not None:
+            self.node_ranks[node_id] = rank
+        if self.codecs.plain and rank == self.rank:
+            return  # the reply is the checked adapter itself, as ever
+        full = pad(adapter, self._received(node_id)) if rank != self.rank else adapter
+        reply.content[self.arrayrecord_key] = ArrayRecord({key: Array(value) for key, value in full.items()})
+
+    def _at_rank_tensors(self, tensors: dict[str, np.ndarray], rank: int | None) -> dict[str, np.ndarray]:
+        return tensors if rank == self.rank else truncate(tensors, rank)
+
+    def _declared_rank(self, reply: Message, node_id: int) -> int | None:
+        """The LoRA rank a train reply's identity declares (the run's when it declares none), checked.
+
+        It must be a whole number from 1 to the run's ``lora-r``, and at most the rank the node was sent.
+        """
+        declared = reply.content.config_records.get("identity", ConfigRecord()).get("lora-r", self.rank)
+        if self.rank is None:
+            return None
+        if isinstance(declared, bool) or not isinstance(declared, int) or not 0 < declared <= self.rank:
+            raise AdapterUpdateError(f"the reply declares lora-r {declared!r}; this run's adapter has rank {self.rank} "
+                                     f"(run-config lora-r), so a device's node-config lora-r must be in [1, {self.rank}]")
+        if declared > self._ranks_sent.get(node_id, self.rank):
+            raise AdapterUpdateError(f"the reply declares lora-r {declared} (the run's when it states none), above "
+                                     f"the rank {self._ranks_sent[node_id]} its node was sent")
+        return declared
 
     def _screen(self, server_round: int, replies: list[Message], phase: str) -> list[Screened]:
         """Record failed and malformed replies; return the well-formed ones, at most one per node."""
@@ -376,15 +485,19 @@ class FederatedAdapters(FedAvg):
                 continue
             identity = reply.content.config_records.get("identity", ConfigRecord())
             who = {"user_id": _text(identity, "user-id"), "domain": _text(identity, "domain")}
+            arrays = reply.content.array_records.get(self.arrayrecord_key)
+            bytes_up = array_nbytes(arrays) if arrays is not None else 0  # as they came, before any decoding
             try:
                 self._check_origin(reply, node_id, phase, {item.node_id for item in screened})
                 metrics = self._checked_metrics(reply, phase)
+                if phase == "train":
+                    self._decode_update(reply, node_id)
             except AdapterUpdateError as error:
                 self._record_rejected(server_round, node_id, phase, who, str(error))
                 continue
             if who["user_id"] is not None:  # the privacy budget is the user's, wherever they connect from
                 self.node_users[node_id] = who["user_id"]
-            screened.append(Screened(reply, node_id, who, metrics))
+            screened.append(Screened(reply, node_id, who, metrics, bytes_up=bytes_up))
         return screened
 
     def _check_origin(self, reply: Message, node_id: int, phase: str, seen: set[int]) -> None:
@@ -442,12 +555,10 @@ class FederatedAdapters(FedAvg):
                 recorded["update-norm"] = item.norm
             if item.clipped_to is not None:
                 recorded["update-clipped-to"] = item.clipped_to
-            arrays = item.reply.content.array_records.get(self.arrayrecord_key)
             self.ledger.record_client_result(
                 self.run_id, server_round, node_id=item.node_id, phase=phase, status="ok", **item.who,
                 num_examples=int(claimed), metrics=recorded, seconds=float(item.metrics["seconds"]),
-                bytes_up=array_nbytes(arrays) if arrays is not None else 0,
-                bytes_down=self._sent_bytes(item.node_id, phase))
+                bytes_up=item.bytes_up, bytes_down=self._sent_bytes(item.node_id, phase))
             for key in OPTIONAL_METRICS:  # in the ledger only: Flower aggregates a key only if every reply has it
                 item.metrics.pop(key, None)
             item.metrics["num-examples"] = weight
@@ -474,7 +585,6 @@ class FederatedAdapters(FedAvg):
         if phase == "train":
             if len(content.array_records) != 1 or self.arrayrecord_key not in content.array_records:
                 raise AdapterUpdateError(f"reply must carry exactly one ArrayRecord named {self.arrayrecord_key!r}")
-            check_update(content.array_records[self.arrayrecord_key], self.expected_shapes, self.max_update_bytes)
         return metrics
 
     def _record_missing(self, server_round: int, replies: list[Message], phase: str) -> int:

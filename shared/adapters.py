@@ -1,7 +1,9 @@
 """LoRA adapters: building them with peft, moving only their tensors, and checking what arrives.
 
 Only adapter tensors ever travel (``get_peft_model_state_dict``), as Flower ``ArrayRecord``s, which
-serialise to raw bytes plus dtype and shape: nothing received is ever unpickled.
+serialise to raw bytes plus dtype and shape: nothing received is ever unpickled. A reply coded by
+run config ``update-codec`` is decoded here as strictly as a plain one (``receive_update``; the
+codecs are shared/codec.py's).
 """
 
 from __future__ import annotations
@@ -18,14 +20,11 @@ from transformers import PreTrainedModel
 
 from shared.base_files import EmulatorLayout
 from shared.base_model import base_layout
+from shared.codec import AdapterUpdateError, Codecs, apply_change, decode  # AdapterUpdateError: imported from here
 from shared.config import FederationConfig
 
 # where peft finds a block's index in a module's name (``model.layers.<i>.self_attn.q_proj``)
 LAYERS_PATTERN = "layers"
-
-
-class AdapterUpdateError(ValueError):
-    """An adapter update is malformed or hostile: wrong keys or shapes, non-finite, or too large."""
 
 
 def lora_config(config: FederationConfig, layout: EmulatorLayout | None = None, **extra: Any) -> LoraConfig:
@@ -90,9 +89,7 @@ def check_update(arrays: ArrayRecord, reference: Mapping[str, tuple[int, ...]], 
     ``reference`` maps each expected key to its shape. Raises AdapterUpdateError naming the first
     problem: size over ``max_bytes``, missing or unexpected keys, a wrong shape or dtype, NaN or inf.
     """
-    size = array_nbytes(arrays)
-    if size > max_bytes:
-        raise AdapterUpdateError(f"update is {size} bytes, over the limit of {max_bytes} bytes")
+    check_size(arrays, max_bytes)
     missing = sorted(set(reference) - set(arrays.keys()))
     unexpected = sorted(set(arrays.keys()) - set(reference))
     if missing or unexpected:
@@ -112,6 +109,34 @@ def check_update(arrays: ArrayRecord, reference: Mapping[str, tuple[int, ...]], 
             raise AdapterUpdateError(f"{name}: contains NaN or inf")
         result[name] = values
     return result
+
+
+def check_size(arrays: ArrayRecord, max_bytes: int) -> None:
+    """Refuse a payload over ``max_bytes`` on the wire, before anything in it is read."""
+    size = array_nbytes(arrays)
+    if size > max_bytes:
+        raise AdapterUpdateError(f"update is {size} bytes, over the limit of {max_bytes} bytes")
+
+
+def receive_update(arrays: ArrayRecord, sent: Mapping[str, np.ndarray], received: Mapping[str, np.ndarray],
+                   codecs: Codecs, max_bytes: int) -> dict[str, np.ndarray]:
+    """The adapter a train reply stands for, checked as strictly whatever its codec (float32 tensors).
+
+    ``sent``: the adapter the server meant for the node (its keys and shapes are the reference);
+    ``received``: what the node decoded from it (the same unless ``downlink-codec`` is lossy). A
+    coded reply carries the node's change; a float32 one the trained adapter, whose change is taken
+    from ``received``. Either way the change is added to ``sent``, so a lossy downlink never enters
+    the server's adapters.
+    """
+    shapes = {key: tuple(np.shape(value)) for key, value in sent.items()}
+    if codecs.up.lossless:
+        returned = check_update(arrays, shapes, max_bytes)
+        change = {key: np.asarray(value, np.float32) - np.asarray(received[key], np.float32)
+                  for key, value in returned.items()}
+    else:
+        check_size(arrays, max_bytes)
+        change = decode(arrays, shapes, codecs.up, codecs.topk_fraction)
+    return apply_change(sent, change)
 
 
 def expected_shapes(model: PeftModel, adapter_name: str = "default",

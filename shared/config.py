@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.codec import DOWNLINK_CODECS, UPDATE_CODECS, Codecs, UpdateCodec
+from shared.device import DEVICES
 from shared.methods import AGGREGATIONS, DP_MODES, METHODS, Aggregation, DpMode, ExampleWeights
 
 # the poisoning defence (server/aggregation.py) and the attack harness (client/attacks.py); docs/trust.md
 NORM_BOUND_MODES = ("reject", "clip")
 EXAMPLE_WEIGHTS = tuple(policy.value for policy in ExampleWeights)
 ATTACKS = ("none", "scale", "sign-flip", "gaussian", "inflate-examples")
+SECAGG_MODULUS_RANGE = 2**32  # Flower's SecAggPlusWorkflow default: masks are drawn below it
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": tuple(METHODS),
@@ -32,6 +35,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "example_weights": EXAMPLE_WEIGHTS,
     "attack": ATTACKS,
     "dp": DP_MODES,
+    "update_codec": UPDATE_CODECS,
+    "downlink_codec": DOWNLINK_CODECS,
+    "device": DEVICES,
 }
 
 
@@ -68,6 +74,7 @@ class FederationConfig:
     ditto_lambda: float = 0.1
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
+    server_momentum: float = 0.9  # FedAvgM's (aggregation = fedavgm)
     domain_mix: float = 1.0
     state_dir: str = ""
     # adapter
@@ -83,6 +90,7 @@ class FederationConfig:
     seq_len: int = 128
     learning_rate: float = 0.002
     max_eval_blocks: int = 32
+    device: str = "auto"  # where clients train and score (shared/device.py): auto, cpu, cuda
     # data
     min_speeches: int = 60
     exclude_plays: str = ""
@@ -92,10 +100,15 @@ class FederationConfig:
     seed: int = 0
     # server safety and bookkeeping
     max_update_mb: float = 64.0
+    # communication (shared/codec.py, docs/communication.md): how train replies and the server's adapters travel
+    update_codec: str = "float32"
+    downlink_codec: str = "float32"
+    topk_fraction: float = 0.1
     evaluate_every: int = 0
     ledger_url: str = ""
     output_dir: str = ""
     resume_run: int = 0
+    checkpoint_every: int = 1  # rounds between adapter checkpoints in the ledger; the last round always has one
     # poisoning defence (docs/trust.md): a bound on each update's norm, the example-weight policy, and
     # the settings of Flower's robust rules (aggregation = fedmedian, fedtrimmedavg, krum, multikrum, bulyan)
     max_update_norm: float = 0.0
@@ -120,6 +133,13 @@ class FederationConfig:
     dp_target_quantile: float = 0.5
     dp_clip_norm_lr: float = 0.2
     dp_clipped_count_stddev: float = 0.0
+    # secure aggregation (server/secure.py, client/secure.py, docs/trust.md): Flower's SecAgg+, the server
+    # learns only the weighted average of a round's updates; the protocol's settings are Flower's
+    secure_aggregation: bool = False
+    secagg_num_shares: int = 3
+    secagg_reconstruction_threshold: int = 2
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederationConfig":
@@ -140,7 +160,7 @@ class FederationConfig:
         positive = ("num_server_rounds", "min_train_nodes", "lora_r", "lora_alpha", "local_steps", "batch_size",
                     "micro_batch_size",
                     "seq_len", "max_eval_blocks", "min_speeches", "node_wait_seconds", "round_timeout",
-                    "learning_rate", "max_update_mb", "validate_every")
+                    "learning_rate", "max_update_mb", "validate_every", "checkpoint_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{_key(name)} must be > 0, got {getattr(self, name)!r}")
@@ -155,6 +175,8 @@ class FederationConfig:
         for name in ("personal_steps", "ditto_lambda", "proximal_mu", "server_learning_rate", "personal_learning_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_key(name)} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.server_momentum < 1:  # FedAvgM: at 1 or above, past steps never fade
+            raise ConfigError(f"server-momentum must be in [0, 1), got {self.server_momentum!r}")
         if self.min_available_nodes and self.min_available_nodes < self.min_train_nodes:
             raise ConfigError(f"min-available-nodes ({self.min_available_nodes}) must be 0 or at least min-train-nodes "
                               f"({self.min_train_nodes}): a round cannot sample more nodes than it waits for")
@@ -167,6 +189,21 @@ class FederationConfig:
         self._validate_defence()
         self._validate_rule_composition()
         self._validate_privacy()
+        self._validate_codecs()
+        self._validate_secure_aggregation()
+
+    def _validate_codecs(self) -> None:
+        """topk-fraction's range; refuse a lossy update codec where the exact update must reach the server or the sum."""
+        if not 0 < self.topk_fraction <= 1:
+            raise ConfigError(f"topk-fraction must be in (0, 1], got {self.topk_fraction!r}")
+        up = UpdateCodec(self.update_codec)
+        if DpMode(self.dp).clips_on_device and up not in (UpdateCodec.FLOAT32, UpdateCodec.FLOAT16):
+            raise ConfigError(f"dp = \"client-fixed\" with update-codec {self.update_codec!r}: the server rejects an "
+                              "update over the clipping norm, and this code's error (or top-k's error feedback) can "
+                              "carry a clipped update past it; use float32 or float16")
+        if self.secure_aggregation and not self.codecs.plain:
+            raise ConfigError("secure-aggregation with update-codec or downlink-codec other than float32: SecAgg+ "
+                              "masks and sums the plain float32 adapters")
 
     def _validate_defence(self) -> None:
         """Ranges of the poisoning-defence and attack keys."""
@@ -223,6 +260,10 @@ class FederationConfig:
             if self.dp_user_budget:
                 raise ConfigError("dp-user-budget needs dp on: with dp = \"off\" no epsilon is spent")
             return
+        if self.checkpoint_every > 1:
+            raise ConfigError(f"dp with checkpoint-every = {self.checkpoint_every}: a resumed run runs the rounds "
+                              "since its last checkpoint again and the ledger forgets their releases, so the "
+                              "epsilon it reports would be less than was spent; use checkpoint-every = 1")
         self._validate_private_composition()
         if mode.adaptive:
             self._validate_adaptive_noise()
@@ -256,6 +297,62 @@ class FederationConfig:
             raise ConfigError(f"dp = \"server-adaptive\" needs dp-noise-multiplier < 2 x dp-clipped-count-stddev "
                               f"({count_stddev:g}; 0 means min-train-nodes / 20): Flower splits the noise between the "
                               "update and the count of clipped updates (Andrew et al.); raise dp-clipped-count-stddev")
+
+    def _validate_secure_aggregation(self) -> None:
+        """Ranges of the secagg-* keys; with secure aggregation on, only what works on the sum alone (docs/trust.md)."""
+        if self.secagg_num_shares < 3:  # Flower's SecAggPlusWorkflow: an integer number of shares must exceed 2
+            raise ConfigError(f"secagg-num-shares must be >= 3, got {self.secagg_num_shares}")
+        if not 2 <= self.secagg_reconstruction_threshold < self.secagg_num_shares:
+            raise ConfigError(f"secagg-reconstruction-threshold must be in [2, secagg-num-shares), got "
+                              f"{self.secagg_reconstruction_threshold} with secagg-num-shares {self.secagg_num_shares}")
+        if not self.secagg_clipping_range > 0:
+            raise ConfigError(f"secagg-clipping-range must be > 0, got {self.secagg_clipping_range!r}")
+        if not 0 < self.secagg_quantization_range < SECAGG_MODULUS_RANGE:
+            raise ConfigError(f"secagg-quantization-range must be in (0, {SECAGG_MODULUS_RANGE}) (Flower's modulus "
+                              f"range), got {self.secagg_quantization_range}")
+        if not self.secure_aggregation:
+            return
+        if refusals := self._secure_aggregation_refusals():
+            raise ConfigError("secure-aggregation cannot be combined with: " + "; ".join(refusals))
+        if self.min_train_nodes < 3:
+            raise ConfigError(f"secure-aggregation needs min-train-nodes >= 3, got {self.min_train_nodes}: with two "
+                              "clients each learns the other's update from the average (minus its own)")
+        if self.secagg_reconstruction_threshold > self.min_train_nodes:
+            raise ConfigError(f"secagg-reconstruction-threshold {self.secagg_reconstruction_threshold} is over "
+                              f"min-train-nodes {self.min_train_nodes}: a round of that many clients could never "
+                              "gather enough key shares")
+
+    def _secure_aggregation_refusals(self) -> list[str]:
+        """Why each asked-for feature cannot work when the server sees only the sum (empty: none)."""
+        method_ = METHODS[self.method]
+        refusals = []
+        if not method_.sends_arrays:
+            refusals.append(f"method {self.method!r} sends no update: there is nothing to aggregate")
+        if method_.by_domain:
+            refusals.append(f"method {self.method!r} aggregates per domain: it would need one SecAgg+ instance per "
+                            "domain, and a domain with one or two clients in a round would reveal their updates; "
+                            "use a global method")
+        if not Aggregation(self.aggregation).is_mean:
+            refusals.append(f"aggregation {self.aggregation!r}: a robust rule needs each client's update and a server "
+                            "optimizer on the secure average is not built; use fedavg or fedprox")
+        if self.max_update_norm or self.norm_bound_relative:
+            refusals.append("max-update-norm and norm-bound-relative measure each update on the server, which never "
+                            "sees one; a bound on the update belongs on the device")
+        if ExampleWeights(self.example_weights) is ExampleWeights.CLAIMED:
+            refusals.append("example-weights = \"claimed\" is unbounded, and SecAgg+ quantizes each weight as a "
+                            "share of a maximum: use \"capped\" (max-examples-per-client is the maximum) or "
+                            "\"uniform\"")
+        if DpMode(self.dp).on:
+            refusals.append("dp is not built on the secure path (its clipping, noise and accountant work on the "
+                            "plain updates); turn one of them off")
+        if self.resume_run:
+            refusals.append("resume-run is not built on the secure path")
+        return refusals
+
+    @property
+    def codecs(self) -> Codecs:
+        """How adapters travel: ``update-codec`` up, ``downlink-codec`` down, with ``topk-fraction``."""
+        return Codecs(UpdateCodec(self.update_codec), UpdateCodec(self.downlink_codec), self.topk_fraction)
 
     @property
     def available_nodes(self) -> int:

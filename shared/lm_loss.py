@@ -77,8 +77,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(device, enabled=False):
             hidden_c, weight_c = hidden.to(compute), weight.to(compute)
             grad_hidden = torch.empty_like(hidden_c)
-            grad_weight = torch.zeros(weight.shape, dtype=scored) if ctx.needs_input_grad[1] else None
-            total = torch.zeros((), dtype=scored)
+            grad_weight = torch.zeros(weight.shape, dtype=scored, device=hidden.device) if ctx.needs_input_grad[1] else None
+            total = torch.zeros((), dtype=scored, device=hidden.device)
             for start in range(0, hidden.shape[0], chunk):
                 rows = slice(start, start + chunk)
                 logits = (hidden_c[rows] @ weight_c.t()).to(scored)

@@ -144,15 +144,18 @@ METHODS: dict[str, Method] = {
 class Aggregation(Enum):
     """The Flower rule that aggregates each group's replies (built by ``server.aggregation.make_rule``).
 
-    The last five are Flower's Byzantine-robust rules (docs/trust.md): coordinate-wise median and
-    trimmed mean (Yin et al., 2018), Krum and Multi-Krum (Blanchard et al., 2017), Bulyan (El Mhamdi
-    et al., 2018).
+    FedAdam, FedYogi and FedAdagrad (Reddi et al., 2021) and FedAvgM (Hsu et al., 2019) step from the
+    mean with a server optimizer whose state a resumed run restores. The last five are Flower's
+    Byzantine-robust rules (docs/trust.md): coordinate-wise median and trimmed mean (Yin et al.,
+    2018), Krum and Multi-Krum (Blanchard et al., 2017), Bulyan (El Mhamdi et al., 2018).
     """
 
     FEDAVG = "fedavg"
     FEDPROX = "fedprox"
     FEDADAM = "fedadam"
     FEDYOGI = "fedyogi"
+    FEDADAGRAD = "fedadagrad"
+    FEDAVGM = "fedavgm"
     FEDMEDIAN = "fedmedian"
     FEDTRIMMEDAVG = "fedtrimmedavg"
     KRUM = "krum"
@@ -187,7 +190,7 @@ class Aggregation(Enum):
     def weighs_by_examples(self) -> bool:
         """Whether clients' ``num-examples`` weigh the aggregate (median, trimmed mean, Krum and Bulyan ignore them)."""
         return self in (Aggregation.FEDAVG, Aggregation.FEDPROX, Aggregation.FEDADAM, Aggregation.FEDYOGI,
-                        Aggregation.MULTIKRUM)
+                        Aggregation.FEDADAGRAD, Aggregation.FEDAVGM, Aggregation.MULTIKRUM)
 
     def min_replies(self, byzantine_clients: int, trim_beta: float) -> int:
         """The fewest replies with which the rule does what it is chosen for (1: no minimum).

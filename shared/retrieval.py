@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from shared.device import autocast, model_device
 from shared.lm_loss import IGNORE_INDEX
 from shared.training import TokenBlocks, in_order
 
@@ -107,12 +108,18 @@ def _capture_head_input(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def _forward(model: torch.nn.Module, batch: TokenBlocks) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden [P, d], log-softmax logits [P, V], targets [P]) at the batch's predicted positions."""
-    with _capture_head_input(model) as seen:
+    """(hidden [P, d], log-softmax logits [P, V], targets [P]) at the batch's predicted positions, on the CPU.
+
+    The model runs where it is (shared/device.py); the cache stays on the CPU, where it is saved.
+    """
+    device = model_device(model)
+    batch = batch.to(device)
+    with _capture_head_input(model) as seen, autocast(device):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     hidden, targets = seen[-1][:, :-1], batch.labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    return hidden[mask].float(), torch.log_softmax(logits[:, :-1][mask].float(), dim=-1), targets[mask]
+    return (hidden[mask].float().cpu(), torch.log_softmax(logits[:, :-1][mask].float(), dim=-1).cpu(),
+            targets[mask].cpu())
 
 
 @torch.no_grad()

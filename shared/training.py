@@ -2,6 +2,10 @@
 
 A plain loop (nanoGPT style) rather than ``transformers.Trainer``: a client round is a few dozen
 steps, and the Trainer's set-up would cost more than the steps.
+
+Training and evaluation run on the device the model is on (``shared.device``: the ``device``
+run-config key decides where the model is loaded): blocks are kept on the CPU and each batch is
+moved there; on a GPU with bf16 the forward passes run under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from shared.device import autocast, model_device
 from shared.lm_loss import IGNORE_INDEX, next_token_loss
 
 
@@ -39,6 +44,10 @@ class TokenBlocks:
 
     def select(self, indices: torch.Tensor | list[int]) -> "TokenBlocks":
         return TokenBlocks(self.input_ids[indices], self.attention_mask[indices], self.labels[indices])
+
+    def to(self, device: torch.device) -> "TokenBlocks":
+        """The blocks on ``device`` (themselves when already there)."""
+        return TokenBlocks(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
 
 def tokenize_blocks(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], seq_len: int) -> TokenBlocks:
@@ -195,11 +204,13 @@ def accumulate_gradients(model: torch.nn.Module, batch: TokenBlocks, micro_batch
 
     A non-finite micro-batch loss stops before its backward pass, so no NaN reaches the gradients.
     """
-    tokens = torch.tensor(max(batch.num_tokens, 1))
+    device = model_device(model)
+    tokens = torch.tensor(max(batch.num_tokens, 1), device=device)
     total = 0.0
     for start in range(0, len(batch), micro_batch_size):
-        micro = batch.select(list(range(start, min(start + micro_batch_size, len(batch)))))
-        loss = next_token_loss(model, micro.input_ids, micro.attention_mask, micro.labels, tokens)
+        micro = batch.select(list(range(start, min(start + micro_batch_size, len(batch))))).to(device)
+        with autocast(device):
+            loss = next_token_loss(model, micro.input_ids, micro.attention_mask, micro.labels, tokens)
         if not torch.isfinite(loss):
             return loss.item()
         loss.backward()
@@ -231,9 +242,13 @@ def next_token_sums(model: torch.nn.Module, batches: Iterable[TokenBlocks]) -> t
     The model is put in eval mode. Positions labelled IGNORE_INDEX (padding) count in none of the three.
     """
     model.eval()
+    device = model_device(model)
     total_loss, total_tokens, correct = 0.0, 0, 0
     for batch in batches:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits.float()
+        batch = batch.to(device)
+        with autocast(device):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = logits.float()
         targets = batch.labels[:, 1:]
         predictions = logits[:, :-1]
         mask = targets != IGNORE_INDEX

@@ -4,14 +4,20 @@
     python -m simulations.run --users 3 --rounds 2 --base path/to/hf-folder
 
 It starts a private simulation SuperLink (its own ports and FLWR_HOME under the work folder, so
-nothing leaks between runs), submits the app with ``flwr run``, streams progress, checks the run's
-final status with ``flwr list`` (``flwr run`` exits 0 even when a run fails), stops the SuperLink
-by PID, and prints the per-user table from the round ledger.
+nothing leaks between runs), submits the app with ``flwr run``, streams its log lines and a live bar
+per round read from the round ledger (simulations/progress.py), checks the run's final status with
+``flwr list`` (``flwr run`` exits 0 even when a run fails), stops the SuperLink by PID, and prints
+the per-user table from the round ledger.
+
+Where the run config's ``device`` means a GPU on this machine (``auto`` with CUDA present, or
+``cuda``), each simulated client asks Ray for ``gpus_per_client`` GPUs (default 1: one client at a
+time per GPU); without one, Ray hides the GPUs from the clients and ``auto`` trains on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -37,6 +43,9 @@ from deploy.flower import (
     write_connection,
 )
 from compressor import prepare_base
+from shared.config import FederationConfig
+from shared.device import Device, resolve_device
+from simulations.progress import LedgerProgress
 from simulations.report import per_user_table, write_report
 
 console = Console(stderr=False)
@@ -56,16 +65,24 @@ class SimulationError(FlowerError):
     """Flower reported the simulated run as failed, or ``flwr run`` itself failed."""
 
 
-def simulation_cli(flwr_home: Path) -> FlowerCli:
-    """The ``flwr`` CLI of one simulation: its own FLWR_HOME, pinned ports, its own Ray folder."""
+def simulation_cli(flwr_home: Path, ray_address: str | None = None) -> FlowerCli:
+    """The ``flwr`` CLI of one simulation: its own FLWR_HOME, pinned ports, its own Ray folder.
+
+    With ``ray_address`` (``host:port`` of a cluster's head, started with ``ray start --head``) the
+    simulation attaches to that cluster instead of starting Ray: Flower's Ray backend calls
+    ``ray.init()`` without an address, which reads RAY_ADDRESS (docs/scale.md).
+    """
     write_connection(flwr_home, CONNECTION, {"address": ":local:"})
-    return FlowerCli(flwr_home, CONNECTION, {
+    env = {
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
         # Ray puts AF_UNIX sockets under RAY_TMPDIR, whose paths must stay under 108 bytes.
         "RAY_TMPDIR": tempfile.mkdtemp(prefix="fg-ray-"),
         "RAY_DEDUP_LOGS": "0",
-    })
+    }
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
+    return FlowerCli(flwr_home, CONNECTION, env)
 
 
 def start_superlink(cli: FlowerCli) -> subprocess.Popen:
@@ -97,23 +114,33 @@ def stop_strays(flwr_home: Path) -> None:
 
 
 def run_simulation(num_users: int, run_config: dict[str, object], workdir: Path, cpus_per_client: int = 2,
-                   timeout: float = 3600) -> SimulationResult:
+                   timeout: float = 3600, gpus_per_client: float | None = None,
+                   ray_address: str | None = None) -> SimulationResult:
     """Run one simulated federation with ``flwr run``; SimulationError unless it completed.
 
-    FlowerError when a Flower process does not start or cannot be asked for the run's status.
+    ``gpus_per_client``: Ray's ``client-resources-num-gpus`` (a fraction shares a GPU between clients);
+    None: 1 where the run config's ``device`` resolves to a GPU here, else 0. ``ray_address``: run the
+    clients on that existing Ray cluster (``host:port`` of its head) instead of a private Ray instance.
+    DeviceUnavailable, before
+    anything starts, for ``device = "cuda"`` on a machine without one. FlowerError when a Flower process
+    does not start or cannot be asked for the run's status.
     """
+    gpus = simulation_gpus(run_config, gpus_per_client)  # DeviceUnavailable before anything starts
     workdir = workdir.resolve()
     flwr_home = workdir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
     ledger_url = str(run_config.get("ledger-url") or f"sqlite:///{workdir / 'ledger.db'}")
     run_config = {"ledger-url": ledger_url, "output-dir": str(workdir / "outputs"), **run_config}
-    cli = simulation_cli(flwr_home)
+    cli = simulation_cli(flwr_home, ray_address)
     started = time.monotonic()
     try:
         superlink = start_superlink(cli)
         try:
-            federation = {"num-supernodes": num_users, "client-resources-num-cpus": cpus_per_client}
-            run_id = _stream_run(cli, federation, run_config, timeout)
+            federation = {"num-supernodes": num_users, "client-resources-num-cpus": cpus_per_client,
+                          "client-resources-num-gpus": gpus}
+            rounds = int(run_config.get("num-server-rounds", FederationConfig.num_server_rounds))
+            with LedgerProgress(ledger_url, rounds, console) as progress:
+                run_id = _stream_run(cli, federation, run_config, timeout, progress)
             status = cli.status(run_id)
         finally:
             stop_process(superlink, timeout=20)
@@ -125,8 +152,17 @@ def run_simulation(num_users: int, run_config: dict[str, object], workdir: Path,
     return SimulationResult(run_id, status, ledger_url, workdir, time.monotonic() - started)
 
 
-def _stream_run(cli: FlowerCli, federation: dict[str, object], run_config: dict[str, object], timeout: float) -> str:
-    """Run ``flwr run --stream``, echo round progress, return the Flower run id."""
+def simulation_gpus(run_config: dict[str, object], gpus_per_client: float | None) -> float:
+    """The GPUs each simulated client asks Ray for (see ``run_simulation``)."""
+    device = resolve_device(str(run_config.get("device", FederationConfig.device)))
+    if gpus_per_client is not None:
+        return gpus_per_client
+    return 1.0 if device.type == "cuda" else 0.0
+
+
+def _stream_run(cli: FlowerCli, federation: dict[str, object], run_config: dict[str, object], timeout: float,
+                progress: LedgerProgress) -> str:
+    """Run ``flwr run --stream``, echo its progress lines, show the ledger's per round; return the Flower run id."""
     command = cli.command("run", str(PROJECT_ROOT), cli.connection, "--stream",
                           "--federation-config", format_config(federation), "--run-config", format_config(run_config))
     process = subprocess.Popen(command, env=cli.env(), cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -137,6 +173,7 @@ def _stream_run(cli: FlowerCli, federation: dict[str, object], run_config: dict[
         line = re.sub(r"\x1b\[[0-9;]*m", "", line.rstrip())
         if match := re.search(r"run (\d+)", line, re.IGNORECASE):
             run_id = run_id or match.group(1)
+            progress.follow(run_id)
         if _is_progress(line):
             console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {line.strip()}", highlight=False)
         if time.monotonic() > deadline:
@@ -165,7 +202,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=PROJECT_ROOT / "runs" / time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--run-config", default="", help="extra 'key=value ...' run-config overrides")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the simulation is stopped")
-    return parser.parse_args(argv)
+    parser.add_argument("--cpus-per-client", type=int, default=None,
+                        help="CPUs Ray gives each simulated client (a whole number): the cores divided by this are "
+                             "the clients training at once, one Ray actor each (memory per actor: docs/scale.md); "
+                             "default all cores: one actor")
+    parser.add_argument("--ray-address", default=None,
+                        help="host:port of an existing Ray cluster's head (ray start --head) to run the clients "
+                             "on, instead of a private Ray instance on this machine (docs/scale.md)")
+    parser.add_argument("--gpus-per-client", type=float, default=None,
+                        help="GPUs Ray gives each simulated client (0.5: two share one); default 1 where the "
+                             "run config's device means a GPU here, else 0")
+    args = parser.parse_args(argv)
+    if args.gpus_per_client is not None and args.gpus_per_client < 0:
+        parser.error(f"--gpus-per-client must be >= 0, got {args.gpus_per_client}")
+    if args.cpus_per_client is not None and args.cpus_per_client <= 0:
+        parser.error(f"--cpus-per-client must be > 0, got {args.cpus_per_client}")
+    if args.cpus_per_client is None:
+        # One actor with every core: on a small machine one actor with all cores beats two with half each.
+        args.cpus_per_client = os.cpu_count() or 1
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,20 +228,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         overrides = parse_config(args.run_config)
-    except FlowerError as error:
+        device = Device(str(overrides.get("device", FederationConfig.device)))
+        resolve_device(device)  # before the base is built: cuda without one fails now, not in every client
+    except (FlowerError, ValueError) as error:
         console.print(f"[bold red]--run-config:[/] {error}")
         return 2
     console.rule("[bold]fedgraft: simulated Shakespeare federation")
     console.print(f"Preparing base {args.base!r} (a compressed base is built, a GGUF converted, once; then cached)")
-    folder, excluded = prepare_base(args.base)
+    folder, excluded = prepare_base(args.base, device)
     base = str(folder)
-    # Simulated clients share one actor and run one after another: a round lasts the sum of them.
+    # By default one actor runs the clients one after another: a round lasts the sum of them (--cpus-per-client).
     run_config = {"base-model": base, "exclude-plays": ",".join(excluded), "num-server-rounds": args.rounds,
                   "min-train-nodes": min(args.users, 2), "round-timeout": 3600, "state-dir": str(args.workdir.absolute() / "devices"),
                   **overrides}
     console.print(f"{args.users} clients, {args.rounds} rounds, base {args.base!r} ({base}), work folder {args.workdir}")
     try:
-        result = run_simulation(args.users, run_config, args.workdir, timeout=args.timeout)
+        result = run_simulation(args.users, run_config, args.workdir, cpus_per_client=args.cpus_per_client,
+                                timeout=args.timeout, gpus_per_client=args.gpus_per_client,
+                                ray_address=args.ray_address)
     except FlowerError as error:
         console.print(f"[bold red]Simulation failed:[/] {error}")
         return 1

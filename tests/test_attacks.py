@@ -131,4 +131,4 @@ def test_flower_runs_the_mod_around_the_client_apps_train_function():
     app.train()(honest_client)
     attacker, _ = partitions_by_role(ATTACK)
     assert value_of(app(train_message(), context(ATTACK, attacker))) == pytest.approx(6.0)
-    assert client.app.app._mods == [attack_mod]
+    assert client.app.app._mods[-1] is attack_mod  # innermost: it sees this app's own train reply, as here

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
+from server.aggregation import aggregate_group, load_optimizer_state, make_rule, optimizer_state
 from server.ledger import Ledger
 from server.strategy import ResumedRounds
-from test_strategy import FakeGrid, arrays, one_round, reply_to, strategy_for, task_identity  # noqa: F401
+from shared.methods import Aggregation
+from test_strategy import FakeGrid, arrays, metrics, one_round, reply_to, strategy_for, task_identity  # noqa: F401
 
 NODES = [11, 12]
 ANSWERS = [{11: (1.0, 10, "a"), 12: (3.0, 30, "b")}, {11: (-2.0, 10, "a"), 12: (0.5, 30, "b")},
@@ -21,7 +23,8 @@ def ledger(tmp_path):
         yield ledger
 
 
-@pytest.mark.parametrize("method, aggregation", [("fedavg", "fedadam"), ("domain", "fedyogi"), ("fedsa", "fedavg")])
+@pytest.mark.parametrize("method, aggregation", [("fedavg", "fedadam"), ("domain", "fedyogi"), ("fedsa", "fedavg"),
+                                                ("fedavg", "fedadagrad"), ("fedavg", "fedavgm"), ("domain", "fedavgm")])
 def test_a_resumed_run_ends_exactly_where_an_uninterrupted_one_does(ledger, method, aggregation):
     kwargs = {"method": method, "aggregation": aggregation, "server_learning_rate": 0.3, "nodes": NODES}
     reference, _ = strategy_for(ledger, **kwargs)
@@ -74,3 +77,21 @@ def test_resume_keeps_only_the_committed_prefix(ledger):
     assert ledger.client_results(run_id, 3) == []
     np.testing.assert_array_equal(ledger.load_checkpoint(run_id)["x"], [2, 2])
     assert ledger.run(run_id).status == "running" and ledger.run(run_id).finished_at is None
+
+
+def test_fedavgm_momentum_is_restored_by_key_whatever_order_the_resumed_adapter_has():
+    rule = make_rule(Aggregation.FEDAVGM, server_learning_rate=1.0, server_momentum=0.5)
+    replies = [Message(RecordDict({"arrays": ArrayRecord({"a": Array(np.full(2, 1.0, np.float32)),
+                                                          "b": Array(np.full(3, -2.0, np.float32))}),
+                                   "metrics": metrics(1)}), dst_node_id=1, message_type=MessageType.TRAIN)]
+    start = ArrayRecord({"a": Array(np.zeros(2, np.float32)), "b": Array(np.zeros(3, np.float32))})
+    after = aggregate_group(rule, 1, start, replies)  # momentum = current - mean = (-1, 2); x = (1, -2)
+    state = optimizer_state(rule)
+    assert set(state) == {"momentum/a", "momentum/b"}
+    resumed = make_rule(Aggregation.FEDAVGM, server_learning_rate=1.0, server_momentum=0.5)
+    reordered = ArrayRecord({"b": after["b"], "a": after["a"]})  # as a ledger might hand the adapter back
+    load_optimizer_state(resumed, state, reordered.keys())
+    again = aggregate_group(resumed, 2, reordered, replies)
+    # the mean is where x stands: momentum 0.5 x (-1, 2), so x moves to (1.5, -3)
+    np.testing.assert_allclose(again["a"].numpy(), 1.5)
+    np.testing.assert_allclose(again["b"].numpy(), -3.0)

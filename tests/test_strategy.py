@@ -228,6 +228,30 @@ def test_fedadam_steps_from_the_current_adapter(ledger):
     assert value == pytest.approx(eta_norm * m / (math.sqrt(v) + tau), rel=1e-6)  # float32 moments
 
 
+def test_fedadagrad_accumulates_squared_steps_from_the_current_adapter(ledger):
+    strategy, _ = strategy_for(ledger, aggregation=Aggregation.FEDADAGRAD, server_learning_rate=0.1, nodes=(11, 12))
+    _, (first, _) = one_round(strategy, [11, 12], {11: (1.0, 1, "a"), 12: (1.0, 1, "a")})
+    _, (second, _) = one_round(strategy, [11, 12], {11: (1.0, 1, "a"), 12: (1.0, 1, "a")}, server_round=2)
+    # Adagrad (Flower's FedAdagrad: tau 1e-3, no momentum): v accumulates each step's square
+    eta, tau = 0.1, 1e-3
+    x1 = eta * 1.0 / (math.sqrt(1.0) + tau)
+    delta = 1.0 - x1
+    x2 = x1 + eta * delta / (math.sqrt(1.0 + delta**2) + tau)
+    assert first["layer.lora_A.weight"].numpy()[0, 0] == pytest.approx(x1, rel=1e-6)
+    assert second["layer.lora_B.weight"].numpy()[1, 1] == pytest.approx(x2, rel=1e-6)
+
+
+def test_fedavgm_steps_with_server_momentum(ledger):
+    strategy, _ = strategy_for(ledger, aggregation=Aggregation.FEDAVGM, server_learning_rate=0.5, server_momentum=0.9,
+                               nodes=(11, 12))
+    _, (first, _) = one_round(strategy, [11, 12], {11: (1.0, 1, "a"), 12: (1.0, 1, "a")})
+    _, (second, _) = one_round(strategy, [11, 12], {11: (1.0, 1, "a"), 12: (1.0, 1, "a")}, server_round=2)
+    # pseudo-gradient g = current - mean; momentum m = 0.9 m + g; x -= 0.5 m
+    # round 1: g = -1, m = -1, x = 0.5; round 2: g = -0.5, m = -1.4, x = 0.5 + 0.7 = 1.2 (past the mean)
+    np.testing.assert_allclose(first["layer.lora_A.weight"].numpy(), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(second["layer.lora_A.weight"].numpy(), 1.2, rtol=1e-6)
+
+
 def test_waiting_for_nodes_has_a_deadline():
     with pytest.raises(NodeWaitTimeout, match="only 1 of the 3 required nodes"):
         wait_for_nodes(FakeGrid([1]), 3, deadline_seconds=0.3, poll_seconds=0.1)

@@ -1,6 +1,6 @@
 """The server's round ledger: runs, rounds, client results, events, adapter checkpoints and privacy spent, in SQL."""
 
-from .ledger import Ledger, LedgerError
+from .ledger import CheckpointPolicy, Ledger, LedgerError
 from .models import Base, Checkpoint, ClientResult, Event, PrivacyCharge, PrivacyRound, Round, Run
 from .records import (ClientResultRecord, EventRecord, PrivacyChargeRecord, PrivacyRoundRecord, RoundRecord,
                       RunRecord)
@@ -8,6 +8,7 @@ from .records import (ClientResultRecord, EventRecord, PrivacyChargeRecord, Priv
 __all__ = [
     "Base",
     "Checkpoint",
+    "CheckpointPolicy",
     "ClientResult",
     "ClientResultRecord",
     "Event",

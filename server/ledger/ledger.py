@@ -2,8 +2,11 @@
 
 Every write is its own short transaction, committed before the method returns: a crash loses at
 most the write in flight, and readers in other processes (a second, read-only ``Ledger``) see each
-round as soon as it is written. SQLite files run in WAL mode so such readers never block the writer,
-and SQLite transactions (migrations included) are begun explicitly, so they are all-or-nothing.
+round as soon as it is written. Inside ``batch()`` the writes share one transaction instead (the
+server writes a round's client results, events, checkpoints and outcome so: one commit a round,
+whatever the number of clients), each write still all-or-nothing on its own. SQLite files run in
+WAL mode so such readers never block the writer, and SQLite transactions (migrations included) are
+begun explicitly, so they are all-or-nothing.
 
 Reads return frozen dataclasses (``RunRecord``, ``RoundRecord``, ``ClientResultRecord``,
 ``EventRecord``, ``PrivacyRoundRecord``, ``PrivacyChargeRecord``), detached copies that stay valid
@@ -23,6 +26,7 @@ import numbers
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,7 @@ from typing import Any
 import numpy
 import safetensors.numpy
 from alembic.util import CommandError
-from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, select, text
+from sqlalchemy import URL, Connection, Engine, create_engine, event, func, make_url, select, text
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -56,6 +60,26 @@ class LedgerError(RuntimeError):
     """The ledger cannot be opened, or an operation refers to something that is not in it."""
 
 
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """The rounds whose adapters (and server-optimizer state) the server stores: every ``every``-th and the last.
+
+    A resumed run continues after its latest checkpoint (``Ledger.resume_run``), so ``every`` trades
+    ledger bytes per round against rounds run again after a crash.
+    """
+
+    every: int = 1
+    last: int = 0  # the run's last round; 0: none known
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"checkpoints every {self.every} rounds: must be at least 1")
+
+    def due(self, round_number: int) -> bool:
+        """Whether round ``round_number`` stores a checkpoint."""
+        return round_number % self.every == 0 or round_number == self.last
+
+
 class Ledger:
     """The server's round ledger in a SQLite file or a PostgreSQL database."""
 
@@ -71,6 +95,7 @@ class Ledger:
         self.read_only = read_only
         self.engine = _create_engine(parsed, self.schema, read_only)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._batch: Session | None = None  # the open batch's session (see ``batch``)
         try:
             self._open()
         except BaseException:
@@ -99,6 +124,24 @@ class Ledger:
         self.engine.dispose()
 
     # --- writes -------------------------------------------------------------------------------
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make the writes inside one transaction, committed on exit; on an exception none of them is kept.
+
+        Each write inside stays all-or-nothing (a savepoint), so one that fails and is caught leaves
+        the others in the batch. Readers see the batch's writes only once it commits; reading this
+        ledger inside a batch is not supported (an in-memory ledger has a single connection).
+        Batches do not nest: LedgerError.
+        """
+        if self._batch is not None:
+            raise LedgerError("a ledger batch is already open; batches do not nest")
+        with self._write() as session:
+            self._batch = session
+            try:
+                yield
+            finally:
+                self._batch = None
 
     def start_run(
         self,
@@ -177,6 +220,16 @@ class Ledger:
         with self._write() as session:
             result.round_id = _get_round(session, run_id, round_number).id
             session.add(result)
+
+    def record_round_progress(self, run_id: int, number: int, *, replied: int, failed: int) -> None:
+        """While round ``number`` runs: the replies it has had so far (``finish_round`` then writes the outcome).
+
+        A round already finished is left as it is.
+        """
+        with self._write() as session:
+            round_ = _get_round(session, run_id, number)
+            if round_.finished_at is None:
+                round_.clients_replied, round_.clients_failed = replied, failed
 
     def finish_round(
         self,
@@ -280,11 +333,15 @@ class Ledger:
             )
         return safetensors.numpy.load(data)
 
-    def resume_run(self, run_id: int, flower_run_id: str | int) -> int:
-        """Reopen a crashed run; returns the last round whose aggregate was committed.
+    def resume_run(self, run_id: int, flower_run_id: str | int, *, from_checkpoint: bool = False) -> int:
+        """Reopen a crashed run; returns the round it continues after.
 
-        Rounds after that one (a round cut short by the crash) are removed with their client results
-        and checkpoints, so the resumed run counts no round twice; a "resume" event says what happened.
+        That is the last round whose aggregate was committed; with ``from_checkpoint`` (the run's state
+        is its checkpointed adapters, as for every method that sends them) the latest of those rounds
+        that has a checkpoint, 0 if none: under ``checkpoint-every`` k > 1 the rounds since the last
+        checkpoint are run again. Rounds after it (a round cut short by the crash, rounds past the
+        checkpoint) are removed with their client results and checkpoints, so the resumed run counts no
+        round twice; a "resume" event says what happened.
         """
         with self._write() as session:
             run = _get_run(session, run_id)
@@ -295,6 +352,9 @@ class Ledger:
                 if number != last + 1:
                     break
                 last = number
+            if from_checkpoint:
+                last = session.scalar(select(func.max(Checkpoint.round_number)).where(
+                    Checkpoint.run_id == run_id, Checkpoint.round_number <= last)) or 0
             dropped = session.scalars(select(Round).where(Round.run_id == run_id, Round.number > last)).all()
             for round_ in dropped:
                 session.delete(round_)
@@ -304,7 +364,8 @@ class Ledger:
             run.status, run.finished_at = "running", None
             session.add(Event(run_id=run_id, kind="resume", created_at=utcnow(), round_number=last,
                               node_id=None, message=f"resumed as Flower run {flower_run_id} after round {last}; "
-                              f"discarded unfinished rounds {[r.number for r in dropped]}"))
+                              f"discarded rounds {[r.number for r in dropped]} (unfinished, or run after the "
+                              "latest checkpoint)"))
             return last
 
     def checkpoint_domains(self, run_id: int, round_number: int) -> list[str]:
@@ -408,9 +469,16 @@ class Ledger:
 
     @contextmanager
     def _write(self) -> Iterator[Session]:
-        """A session in its own transaction, committed on exit (rolled back on an exception)."""
+        """A session in its own transaction, committed on exit (rolled back on an exception).
+
+        Inside ``batch()``: the batch's session, this write in a savepoint of the batch's transaction.
+        """
         if self.read_only:
             raise LedgerError(f"the ledger at {self.masked_url} was opened read-only")
+        if self._batch is not None:
+            with self._batch.begin_nested():
+                yield self._batch
+            return
         with self._sessions.begin() as session:
             yield session
 

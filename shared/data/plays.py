@@ -247,12 +247,47 @@ def shakespeare_users(
     plays: Iterable[str] | None = None,
     exclude_plays: Iterable[str] = (),
 ) -> list[UserData]:
-    """One user per character of a play with at least ``min_speeches`` speeches, sorted by user id."""
+    """One user per character of a play with at least ``min_speeches`` speeches, sorted by user id.
+
+    Built once per process for each set of arguments (and re-built if a play file changes): every
+    simulated client of a Ray actor, at any federation size, reuses the same parse and split.
+    """
+    _check_threshold(min_speeches)
+    root = shakespeare_root()
+    chosen = None if plays is None else tuple(sorted(set(_names(plays))))
+    excluded = tuple(sorted(set(_names(exclude_plays))))
+    return list(_cached_users(min_speeches, split, test_fraction, seed, chosen, excluded, root, _stamp(root)))
+
+
+def users_per_threshold(
+    thresholds: Iterable[int], plays: Iterable[str] | None = None, exclude_plays: Iterable[str] = ()
+) -> dict[int, int]:
+    """How many users ``shakespeare_users`` yields at each ``min_speeches`` threshold, in the order given."""
+    thresholds = list(thresholds)
+    for threshold in thresholds:
+        _check_threshold(threshold)
+    speeches = Counter((speech.play, speech.character) for speech in load_corpus(plays, exclude_plays))
+    return {threshold: sum(1 for count in speeches.values() if count >= threshold) for threshold in thresholds}
+
+
+def _check_threshold(min_speeches: int) -> None:
     if min_speeches < 2:
         raise DataError(f"min_speeches must be at least 2 (one train and one test text), got {min_speeches}")
+
+
+def _stamp(root: Path) -> tuple[tuple[str, int], ...]:
+    """The play files and their modification times: a changed file gives the users cache a new key."""
+    return tuple((str(path), path.stat().st_mtime_ns) for _, path in _discover_plays(root).values())
+
+
+@lru_cache(maxsize=16)
+def _cached_users(min_speeches: int, split: str, test_fraction: float, seed: int, plays: tuple[str, ...] | None,
+                  exclude_plays: tuple[str, ...], root: Path, stamp: tuple[tuple[str, int], ...],
+                  ) -> tuple[UserData, ...]:
+    """The users of ``shakespeare_users``; ``stamp`` is only part of the cache key."""
     by_user: dict[tuple[str, str], list[str]] = defaultdict(list)
     genres: dict[str, str] = {}
-    for speech in load_corpus(plays, exclude_plays):
+    for speech in load_corpus(plays, exclude_plays, root):
         by_user[speech.play, speech.character].append(speech.text)
         genres[speech.play] = speech.genre
     users = []
@@ -261,4 +296,4 @@ def shakespeare_users(
             user_id = f"{play}/{character}"
             train, test = split_texts(texts, test_fraction, split, user_seed(seed, user_id))
             users.append(UserData(user_id, genres[play], train, test))
-    return sorted(users, key=lambda user: user.user_id)
+    return tuple(sorted(users, key=lambda user: user.user_id))
