@@ -17,12 +17,6 @@ ANSWERS = [{11: (1.0, 10, "a"), 12: (3.0, 30, "b")}, {11: (-2.0, 10, "a"), 12: (
            {11: (4.0, 10, "a"), 12: (1.0, 30, "b")}]
 
 
-@pytest.fixture
-def ledger(tmp_path):
-    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
-        yield ledger
-
-
 def count_commits(ledger: Ledger) -> list[int]:
     """A one-item list counting the transactions the ledger's engine commits from now on."""
     commits = [0]

@@ -47,12 +47,6 @@ def test_the_last_round_has_nothing_left():
     assert view.run_left == 0.0 and view.line() == "round 1/1: 5/5 clients done, 0 failed, 12 s"
 
 
-@pytest.fixture
-def ledger(tmp_path):
-    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
-        yield ledger
-
-
 @pytest.fixture(autouse=True)
 def no_background_polls(monkeypatch):
     monkeypatch.setattr(simulations.progress, "POLL_SECONDS", 3600.0)  # the tests poll themselves

@@ -7,7 +7,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from server.aggregation import aggregate_group, load_optimizer_state, make_rule, optimizer_state
-from server.ledger import Ledger
 from server.strategy import ResumedRounds
 from shared.methods import Aggregation
 from test_strategy import FakeGrid, arrays, metrics, one_round, reply_to, strategy_for, task_identity  # noqa: F401
@@ -15,12 +14,6 @@ from test_strategy import FakeGrid, arrays, metrics, one_round, reply_to, strate
 NODES = [11, 12]
 ANSWERS = [{11: (1.0, 10, "a"), 12: (3.0, 30, "b")}, {11: (-2.0, 10, "a"), 12: (0.5, 30, "b")},
            {11: (4.0, 10, "a"), 12: (1.0, 30, "b")}]
-
-
-@pytest.fixture
-def ledger(tmp_path):
-    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
-        yield ledger
 
 
 @pytest.mark.parametrize("method, aggregation", [("fedavg", "fedadam"), ("domain", "fedyogi"), ("fedsa", "fedavg"),

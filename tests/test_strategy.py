@@ -10,7 +10,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.aggregation import EVALUATE_METRICS
-from server.ledger import Ledger
 from server.strategy import FederatedAdapters, NodeWaitTimeout, wait_for_nodes
 from shared.methods import METHODS, Aggregation
 
@@ -30,12 +29,6 @@ def task_identity():
     # Messages are stamped with the run id of the process; set one as a ServerApp process has.
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
-
-
-@pytest.fixture
-def ledger(tmp_path):
-    with Ledger(f"sqlite:///{tmp_path / 'ledger.db'}") as ledger:
-        yield ledger
 
 
 def arrays(value: float, keys=SHAPES) -> ArrayRecord:
