@@ -75,8 +75,15 @@ def min_speeches_for(users: int, exclude_plays: list[str]) -> int:
     return max(enough)
 
 
+SERVER_PROCESSES = ("flwr-simulation", "flwr-serverapp")
+
+
 class ServerMemory:
-    """The peak RSS of the ServerApp process (``flwr-serverapp`` under this FLWR_HOME), polled in a thread."""
+    """The peak RSS of the process running the ServerApp under this FLWR_HOME, polled in a thread.
+
+    In a simulation that is ``flwr-simulation`` (the ServerApp and Ray's driver; clients run in Ray
+    actors, other processes); in a deployment, ``flwr-serverapp``.
+    """
 
     def __init__(self, flwr_home: Path, interval: float = 0.5) -> None:
         self.flwr_home, self.interval = str(flwr_home), interval
@@ -98,7 +105,7 @@ class ServerMemory:
         while not self._stop.wait(self.interval):
             for process in psutil.process_iter(["cmdline"]):
                 try:
-                    if any("flwr-serverapp" in part for part in process.info["cmdline"] or ()) \
+                    if any(name in part for part in process.info["cmdline"] or () for name in SERVER_PROCESSES) \
                             and process.environ().get("FLWR_HOME") == self.flwr_home:
                         self.peak_mib = max(self.peak_mib, _peak_mib(process.pid))
                 except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess, FileNotFoundError):
