@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordD
 from client.attacks import attack_mod, attacking_partitions, corrupt, is_attacker
 from server.aggregation import NormBound
 from shared.config import ATTACKS
-from tests.test_strategy import SHAPES, FakeGrid, arrays, ledger, metrics, strategy_for, task_identity  # noqa: F401
+from tests.test_strategy import SHAPES, FakeGrid, arrays, metrics, strategy_for, task_identity  # noqa: F401
 
 ATTACK = {"attack": "scale", "attack-fraction": 0.5, "attack-scale": 10.0, "seed": 0}
 

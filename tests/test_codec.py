@@ -15,7 +15,7 @@ from shared.adapters import array_nbytes
 from shared.codec import (AdapterUpdateError, Codecs, ErrorFeedback, UpdateCodec, decode, encode, index_dtype,
                           topk_count)
 from shared.config import ConfigError, FederationConfig
-from tests.test_strategy import (SHAPES, FakeGrid, arrays, ledger, metrics, one_round, reply_to, strategy_for,  # noqa: F401
+from tests.test_strategy import (SHAPES, FakeGrid, arrays, metrics, one_round, reply_to, strategy_for,  # noqa: F401
                                  task_identity)
 
 RNG = np.random.default_rng(0)

@@ -17,7 +17,7 @@ from shared.codec import Codecs, UpdateCodec, decode
 from shared.config import ConfigError, FederationConfig
 from shared.methods import METHODS
 from shared.ranks import adapter_rank, device_alpha, fill_missing, pad, shapes_at_rank, truncate, truncate_record
-from tests.test_strategy import FakeGrid, ledger, metrics, reply_to, task_identity  # noqa: F401
+from tests.test_strategy import FakeGrid, metrics, reply_to, task_identity  # noqa: F401
 from tests.tiny import build_model
 
 A, B, OTHER = "layer.lora_A.weight", "layer.lora_B.weight", "layer.norm.weight"

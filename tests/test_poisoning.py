@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 
 from server.aggregation import NormBound, aggregate_group, clip_update, make_rule, update_norm
 from shared.methods import Aggregation, ExampleWeights
-from tests.test_strategy import (SHAPES, FakeGrid, arrays, ledger, metrics, reply_to, strategy_for,  # noqa: F401
+from tests.test_strategy import (SHAPES, FakeGrid, arrays, metrics, reply_to, strategy_for,  # noqa: F401
                                  task_identity)
 
 HONEST = {11: (1.0, 10), 12: (2.0, 20), 13: (2.5, 30), 14: (4.0, 40)}  # node -> (update value, num-examples)

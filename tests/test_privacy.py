@@ -33,7 +33,7 @@ from server.strategy import FederatedAdapters
 from shared.config import ConfigError, FederationConfig
 from shared.methods import METHODS, Aggregation, DpMode, ExampleWeights
 from tests.test_ledger import Target, ledger_url, postgres_admin  # noqa: F401
-from tests.test_strategy import (SHAPES, FakeGrid, arrays, ledger, metrics, one_round, reply_to,  # noqa: F401
+from tests.test_strategy import (SHAPES, FakeGrid, arrays, metrics, one_round, reply_to,  # noqa: F401
                                  task_identity)
 
 DELTA = 1e-5
